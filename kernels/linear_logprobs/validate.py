@@ -1,0 +1,89 @@
+"""Argument checks of ``linear_logprobs``: every bad input is a ``ValueError`` that names the argument."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _check_tensor(name: str, value, dtypes=None) -> None:
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if dtypes is not None and value.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {value.dtype}")
+
+
+def _check_positive_finite(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+
+
+def validate_arguments(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    ignore_index: int,
+    shift: bool,
+    temperature: float,
+    softcap: float | None,
+    backend: str,
+) -> None:
+    """Shapes, dtypes, devices and options; the data-dependent target range is ``validate_targets``."""
+    _check_tensor("hidden", hidden, FLOAT_DTYPES)
+    _check_tensor("weight", weight, FLOAT_DTYPES)
+    _check_tensor("targets", targets)
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must have shape (..., D) with at least one token dimension, got {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (V, D), got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary (V == 0)")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight's D ({weight.shape[1]}) differs from hidden's last dim ({hidden.shape[-1]})")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden.shape[:-1] {tuple(hidden.shape[:-1])}")
+    devices = {"weight": weight.device, "targets": targets.device}
+    if bias is not None:
+        _check_tensor("bias", bias, FLOAT_DTYPES)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise ValueError(f"bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
+        devices["bias"] = bias.device
+    for name, device in devices.items():
+        if device != hidden.device:
+            raise ValueError(f"{name} is on {device} but hidden is on {hidden.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not isinstance(shift, bool):
+        raise ValueError(f"shift must be a bool, got {shift!r}")
+    _check_positive_finite("temperature", temperature)
+    if softcap is not None:
+        _check_positive_finite("softcap", softcap)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def validate_targets(targets: Tensor, valid: Tensor, vocab: int) -> None:
+    """Non-ignored targets must lie in ``[0, vocab)``.
+
+    Reads the data, so it is a host synchronisation on CUDA; the op skips it while a CUDA graph is being
+    captured or ``torch.compile`` traces. There, an out-of-range target yields NaN, never a wrong number.
+    """
+    bad = valid & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        first = targets[bad][0]
+        raise ValueError(f"targets holds {int(first)}, outside [0, V={vocab}) and not ignore_index")

@@ -1,0 +1,32 @@
+"""Test-suite wiring: the Triton interpreter on CPU-only machines, and the cpu / interpret / gpu markers.
+
+Markers (kept in step with CMakeLists.txt's CTest labels):
+- ``interpret``: Triton kernels under ``TRITON_INTERPRET=1`` on CPU tensors (skipped when the interpreter is off,
+  i.e. on a CUDA machine where Triton compiles);
+- ``gpu``: needs CUDA (skipped without it);
+- ``cpu``: everything else, added automatically.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:  # must precede the first import of a module that defines Triton kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    skip_interpret = pytest.mark.skip(reason="TRITON_INTERPRET is off (Triton compiles on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            if not HAS_CUDA:
+                item.add_marker(skip_gpu)
+        elif "interpret" in item.keywords:
+            if not INTERPRET:
+                item.add_marker(skip_interpret)
+        else:
+            item.add_marker(pytest.mark.cpu)
