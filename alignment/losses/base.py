@@ -1,0 +1,221 @@
+"""Shared base of the loss modules: log-probs from hidden states through ``linear_logprobs``, the reference
+(hidden states under ``no_grad`` or precomputed log-probs), and the argument checks.
+
+Conventions (DESIGN.md, "Losses"): ``labels`` follow Hugging Face (aligned with ``input_ids``, ``-100`` on prompt
+and padding) and the module shifts (``shift=True``: ``hidden[:, t]`` predicts ``labels[:, t+1]``); paired losses
+take ``2B`` rows, chosen ``[:B]`` then rejected ``[B:]``; a sequence log-prob is the sum over its completion
+tokens (labels ``!= ignore_index`` after the shift).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from prefuse.alignment.functional._common import check_real
+from prefuse.kernels import linear_logprobs
+from torch import Tensor, nn
+
+_BACKENDS = ("auto", "triton", "torch")
+
+
+class FusedLinearLoss(nn.Module):
+    """Base of every loss module: holds the head options and computes (reference) log-probs.
+
+    Keyword options shared by all losses (after each loss's own hyper-parameters):
+
+    - ``ignore_index`` (-100): label of positions that are not scored.
+    - ``temperature`` (1.0), ``softcap`` (None): passed to ``linear_logprobs`` for the policy and the reference
+      (Gemma-2's ``final_logit_softcapping``; ``temperature = 1 / logit_scale`` for heads that scale logits).
+    - ``backend`` ("auto"), ``deterministic`` (False): ``linear_logprobs`` backend options.
+    """
+
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        softcap: float | None = None,
+        backend: str = "auto",
+        deterministic: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+            raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+        check_real("temperature", temperature, low=0.0, low_open=True)
+        if softcap is not None:
+            check_real("softcap", softcap, low=0.0, low_open=True)
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        self.ignore_index = int(ignore_index)
+        self.temperature = float(temperature)
+        self.softcap = None if softcap is None else float(softcap)
+        self.backend = backend
+        self.deterministic = bool(deterministic)
+
+    # ------------------------------------------------------------------ checks
+    def _check_rows(
+        self,
+        hidden,
+        labels,
+        *,
+        hidden_name: str = "hidden",
+        labels_name: str = "labels",
+        paired: bool = False,
+    ) -> int:
+        """``hidden`` ``(rows, T, D)`` and integer ``labels`` ``(rows, T)``; paired: ``rows = 2B > 0``."""
+        if not isinstance(hidden, Tensor) or hidden.dim() != 3:
+            shape = tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__
+            raise ValueError(f"{hidden_name} must be a (rows, T, D) tensor, got {shape}")
+        if not isinstance(labels, Tensor):
+            raise ValueError(f"{labels_name} must be a torch.Tensor, got {type(labels).__name__}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise ValueError(f"{labels_name} must be an integer tensor, got {labels.dtype}")
+        if labels.shape != hidden.shape[:2]:
+            raise ValueError(
+                f"{labels_name} has shape {tuple(labels.shape)} but {hidden_name} is {tuple(hidden.shape)}: "
+                f"{labels_name} must be {hidden_name}.shape[:2] = {tuple(hidden.shape[:2])}"
+            )
+        rows = hidden.shape[0]
+        if paired and (rows == 0 or rows % 2):
+            raise ValueError(
+                f"{hidden_name} has {rows} rows; a paired loss takes 2B rows (chosen [:B], then rejected [B:])"
+            )
+        return rows
+
+    @staticmethod
+    def _reject_reference(**refs) -> None:
+        given = [name for name, value in refs.items() if value is not None]
+        if given:
+            raise ValueError(f"this loss is reference-free; got {', '.join(given)}")
+
+    # ------------------------------------------------------------------ log-probs
+    def _mask(self, labels: Tensor, shift: bool) -> Tensor:
+        """Completion mask aligned with the per-token output: ``(rows, T-1)`` with shift, else ``(rows, T)``."""
+        scored = labels[:, 1:] if shift else labels
+        return scored != self.ignore_index
+
+    def _masked_targets(self, labels: Tensor, keep: Tensor, shift: bool) -> Tensor:
+        """``labels`` with the scored positions outside ``keep`` set to ``ignore_index`` (no work for the op)."""
+        if not shift:
+            return labels.masked_fill(~keep, self.ignore_index)
+        return torch.cat([labels[:, :1], labels[:, 1:].masked_fill(~keep, self.ignore_index)], dim=1)
+
+    def _logps(
+        self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None, shift: bool
+    ) -> Tensor:
+        """Per-token log-probs ``(rows, L)`` through ``linear_logprobs`` (0.0 at ignored positions)."""
+        return linear_logprobs(
+            hidden, weight, targets, bias, ignore_index=self.ignore_index, shift=shift,
+            temperature=self.temperature, softcap=self.softcap, backend=self.backend,
+            deterministic=self.deterministic,
+        )  # fmt: skip
+
+    def _reference(
+        self,
+        *,
+        hidden,
+        weight,
+        bias,
+        logps,
+        targets: Tensor,
+        mask: Tensor,
+        shift: bool,
+        per_token: bool,
+        hidden_name: str = "ref_hidden",
+        logps_name: str = "ref_logps",
+        what: str = "a reference",
+    ) -> Tensor:
+        """Reference log-probs: per-token ``(rows, L)`` (``per_token``) or per-sequence sums ``(rows,)``.
+
+        From ``hidden`` + ``weight`` (+ ``bias``) under ``torch.no_grad()`` with ``targets``, or from the given
+        ``logps`` (sums ``(rows,)`` or per-token ``(rows, L)``, detached; per-token values outside ``mask`` are
+        dropped).
+        """
+        rows, length = mask.shape
+        owner = type(self).__name__
+        if hidden is not None and logps is not None:
+            raise ValueError(f"pass either {hidden_name} (with ref_weight) or {logps_name}, not both")
+        if hidden is not None:
+            if weight is None:
+                raise ValueError(
+                    f"{hidden_name} needs ref_weight, the reference model's lm-head (it never defaults to weight)"
+                )
+            if not isinstance(hidden, Tensor) or hidden.dim() != 3 or hidden.shape[:2] != targets.shape:
+                shape = tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__
+                raise ValueError(
+                    f"{hidden_name} must have shape ({rows}, {targets.shape[1]}, D_ref), got {shape}"
+                )
+            try:
+                with torch.no_grad():
+                    tok = self._logps(hidden, weight, targets, bias, shift)
+            except ValueError as err:
+                raise ValueError(f"reference head ({hidden_name}, ref_weight, ref_bias): {err}") from err
+            return tok if per_token else tok.sum(-1)
+        if logps is not None:
+            if not isinstance(logps, Tensor) or not logps.dtype.is_floating_point:
+                raise ValueError(f"{logps_name} must be a floating-point tensor")
+            logps = logps.detach().float()
+            if logps.shape == (rows,):
+                if per_token:
+                    raise ValueError(
+                        f"{owner} needs per-token {logps_name} of shape ({rows}, {length}) (as linear_logprobs "
+                        f"returns them), not per-sequence sums"
+                    )
+                return logps
+            if logps.shape == (rows, length):
+                tok = torch.where(mask, logps, 0.0)
+                return tok if per_token else tok.sum(-1)
+            raise ValueError(
+                f"{logps_name} must be per-sequence sums ({rows},) or per-token ({rows}, {length}), "
+                f"got {tuple(logps.shape)}"
+            )
+        raise ValueError(
+            f"{owner} needs {what}: pass {hidden_name} and ref_weight (and ref_bias), or {logps_name}"
+        )
+
+    def extra_repr(self) -> str:
+        opts = [f"ignore_index={self.ignore_index}", f"backend={self.backend!r}"]
+        if self.temperature != 1.0:
+            opts.append(f"temperature={self.temperature}")
+        if self.softcap is not None:
+            opts.append(f"softcap={self.softcap}")
+        return ", ".join(opts)
+
+
+class PairedLoss(FusedLinearLoss):
+    """Base of the paired losses: per-sequence policy (and reference) sums of ``2B`` rows."""
+
+    def _paired_sums(
+        self,
+        hidden,
+        weight,
+        labels,
+        bias,
+        shift,
+        *,
+        ref_hidden=None,
+        ref_weight=None,
+        ref_bias=None,
+        ref_logps=None,
+        reference: bool = True,
+    ):
+        """``(policy, ref, lengths, B)``: ``(2B,)`` sums (``ref`` is None when reference-free)."""
+        rows = self._check_rows(hidden, labels, paired=True)
+        if not isinstance(shift, bool):
+            raise ValueError(f"shift must be a bool, got {shift!r}")
+        mask = self._mask(labels, shift)
+        policy = self._logps(hidden, weight, labels, bias, shift).sum(-1)
+        ref = None
+        if reference:
+            ref = self._reference(
+                hidden=ref_hidden,
+                weight=ref_weight,
+                bias=ref_bias,
+                logps=ref_logps,
+                targets=labels,
+                mask=mask,
+                shift=shift,
+                per_token=False,
+            )
+        return policy, ref, mask.sum(-1), rows // 2

@@ -1,0 +1,113 @@
+"""``SamPOLoss``: DPO with the longer completion's log-ratio down-sampled to the shorter one's length."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from prefuse.alignment.functional._common import check_real
+from prefuse.alignment.functional.sampo import sampo_loss, sampo_sample_masks
+from prefuse.alignment.losses.base import PairedLoss
+from prefuse.alignment.output import LossOutput
+from torch import Tensor
+
+
+class SamPOLoss(PairedLoss):
+    """SamPO (see ``prefuse.alignment.functional.sampo``): per pair, the longer completion keeps a uniform
+    sample without replacement of ``min(Tc, Tr)`` of its completion tokens, and
+
+        loss = mean_b -logσ(β(Σ_{kept} Δ(y_w,t) - Σ_{kept} Δ(y_l,t)))  (+ nll_weight · chosen-token NLL)
+
+    Policy and reference are scored on the same kept tokens; the unsampled tokens are passed to
+    ``linear_logprobs`` as ignored, so they cost no matmul work (the chosen completion is scored in full only
+    when ``nll_weight > 0`` needs it).
+
+    Args:
+        beta: β.
+        seed: an ``int`` (a private ``torch.Generator`` on the data's device is seeded with it on first use),
+            a ``torch.Generator`` (used as is), or None (the global RNG, reproducible via
+            ``torch.manual_seed``). Every call draws a new sample; the same seed gives the same sequence.
+        nll_weight: weight of the chosen-token NLL over all chosen completion tokens.
+        independent_ref_sample: compatibility with the authors' code (the reference draws its own sample);
+            the default shares the sample, as the paper does.
+        **options: ``ignore_index``, ``temperature``, ``softcap``, ``backend``, ``deterministic``.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        seed: int | torch.Generator | None = None,
+        *,
+        nll_weight: float = 0.0,
+        independent_ref_sample: bool = False,
+        **options,
+    ) -> None:
+        super().__init__(**options)
+        check_real("beta", beta, low=0.0, low_open=True)
+        check_real("nll_weight", nll_weight, low=0.0)
+        if (
+            seed is not None
+            and not isinstance(seed, torch.Generator)
+            and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral))
+        ):
+            raise ValueError(f"seed must be an int, a torch.Generator or None, got {seed!r}")
+        self.beta = float(beta)
+        self.seed = seed
+        self.nll_weight = float(nll_weight)
+        self.independent_ref_sample = bool(independent_ref_sample)
+        self._generator: torch.Generator | None = None
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The generator the next sample is drawn from (None: the global RNG)."""
+        if self.seed is None or isinstance(self.seed, torch.Generator):
+            return self.seed
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(int(self.seed))
+        return self._generator
+
+    def forward(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        *,
+        bias: Tensor | None = None,
+        ref_hidden: Tensor | None = None,
+        ref_weight: Tensor | None = None,
+        ref_bias: Tensor | None = None,
+        ref_logps: Tensor | None = None,
+        shift: bool = True,
+    ) -> LossOutput:
+        """Arguments as ``DPOLoss.forward``; ``ref_logps`` must be per-token ``(2B, T-1)`` (sums cannot be
+        down-sampled)."""
+        rows = self._check_rows(hidden, labels, paired=True)
+        if not isinstance(shift, bool):
+            raise ValueError(f"shift must be a bool, got {shift!r}")
+        b = rows // 2
+        mask = self._mask(labels, shift)
+        gen = self.generator(hidden.device)
+        kept = sampo_sample_masks(mask[:b], mask[b:], generator=gen)
+        ref_kept = (
+            sampo_sample_masks(mask[:b], mask[b:], generator=gen) if self.independent_ref_sample else kept
+        )
+        policy_keep = torch.cat([mask[:b] if self.nll_weight > 0 else kept[0], kept[1]])
+        ref_keep = torch.cat(ref_kept)
+        policy = self._logps(hidden, weight, self._masked_targets(labels, policy_keep, shift), bias, shift)
+        ref = self._reference(
+            hidden=ref_hidden,
+            weight=ref_weight,
+            bias=ref_bias,
+            logps=ref_logps,
+            targets=self._masked_targets(labels, ref_keep, shift),
+            mask=ref_keep,
+            shift=shift,
+            per_token=True,
+        )
+        return sampo_loss(
+            policy[:b], policy[b:], ref[:b], ref[b:], mask[:b], mask[b:], beta=self.beta,
+            nll_weight=self.nll_weight, sampled_masks=kept, ref_sampled_masks=ref_kept,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, seed={self.seed!r}, nll_weight={self.nll_weight}, " + super().extra_repr()

@@ -1,0 +1,74 @@
+"""``SimPOLoss``: reference-free SimPO on length-averaged log-probs."""
+
+from __future__ import annotations
+
+from prefuse.alignment.functional._common import check_real
+from prefuse.alignment.functional.simpo import simpo_loss
+from prefuse.alignment.losses.base import PairedLoss
+from prefuse.alignment.output import LossOutput
+from torch import Tensor
+
+
+class SimPOLoss(PairedLoss):
+    """SimPO (see ``prefuse.alignment.functional.simpo``), as Liger-Kernel computes it::
+
+        loss = mean_b [-(1-ε) logσ(β(āw - āl) - γ) - ε logσ(-(β(āw - āl) - γ))] + nll_weight · NLL
+
+    with ``ā`` the per-token average completion log-prob. Liger's SimPO adds its NLL term with weight
+    ``alpha = 1`` by default; the paper has none, so ``nll_weight = 0`` here.
+
+    Args:
+        beta, gamma: β and the target margin γ.
+        label_smoothing: ε.
+        nll_weight: weight of the chosen-token NLL (Liger's ``alpha``).
+        **options: ``ignore_index``, ``temperature``, ``softcap``, ``backend``, ``deterministic``.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        gamma: float = 0.5,
+        label_smoothing: float = 0.0,
+        nll_weight: float = 0.0,
+        **options,
+    ) -> None:
+        super().__init__(**options)
+        self.beta = check_real("beta", beta, low=0.0, low_open=True)
+        self.gamma = check_real("gamma", gamma)
+        self.label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
+        self.nll_weight = check_real("nll_weight", nll_weight, low=0.0)
+
+    def forward(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        *,
+        bias: Tensor | None = None,
+        ref_hidden: Tensor | None = None,
+        ref_weight: Tensor | None = None,
+        ref_bias: Tensor | None = None,
+        ref_logps: Tensor | None = None,
+        shift: bool = True,
+    ) -> LossOutput:
+        """``hidden`` ``(2B, T, D)``, ``labels`` ``(2B, T)``; reference-free (``ref_*`` must be None)."""
+        self._reject_reference(
+            ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps
+        )
+        policy, _, lengths, b = self._paired_sums(hidden, weight, labels, bias, shift, reference=False)
+        return simpo_loss(
+            policy[:b],
+            policy[b:],
+            lengths[:b],
+            lengths[b:],
+            beta=self.beta,
+            gamma=self.gamma,
+            label_smoothing=self.label_smoothing,
+            nll_weight=self.nll_weight,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"beta={self.beta}, gamma={self.gamma}, label_smoothing={self.label_smoothing}, "
+            f"nll_weight={self.nll_weight}, " + super().extra_repr()
+        )

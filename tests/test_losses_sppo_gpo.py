@@ -1,0 +1,126 @@
+"""SPPOLoss and GPOLoss against naive float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from prefuse.alignment import DPOLoss, GPOLoss, SPPOLoss
+from prefuse.alignment import functional as PF
+from test_losses_reference import (
+    PAIR_METRICS,
+    Head,
+    assert_loss_and_grads,
+    assert_metrics,
+    make_labels,
+    naive_pair_metrics,
+    naive_seq_logps,
+)
+
+B, T, D, V = 3, 10, 16, 40
+
+
+def batch(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    policy = Head(2 * B, T, D, V, gen)
+    ref = Head(2 * B, T, D, V, gen, grad=False)
+    labels = make_labels(2 * B, T, V, gen)
+    return policy, ref, labels, gen
+
+
+def naive_square(policy, ref, labels, target_c, target_r, beta):
+    """½[(Δw - target_w)² + (Δl - target_l)²], mean over pairs, float64."""
+    p, _ = naive_seq_logps(policy.h64, policy.w64, policy.b64, labels)
+    r, _ = naive_seq_logps(ref.h64, ref.w64, ref.b64, labels)
+    dc, dr = p[:B] - r[:B], p[B:] - r[B:]
+    loss = (0.5 * ((dc - target_c) ** 2 + (dr - target_r) ** 2)).mean()
+    return loss, naive_pair_metrics(p[:B], p[B:], beta * dc, beta * dr)
+
+
+@pytest.mark.parametrize("beta", [0.001, 0.2])
+def test_sppo_matches_naive_float64(beta):
+    policy, ref, labels, gen = batch(0)
+    pw, pl = torch.rand(B, generator=gen), torch.rand(B, generator=gen)
+    out = SPPOLoss(beta=beta, backend="torch")(
+        policy.h32,
+        policy.w32,
+        labels,
+        p_chosen=pw,
+        p_rejected=pl,
+        bias=policy.b32,
+        ref_hidden=ref.h32,
+        ref_weight=ref.w32,
+        ref_bias=ref.b32,
+    )
+    eta = 1 / beta
+    loss64, metrics = naive_square(
+        policy, ref, labels, eta * (pw.double() - 0.5), eta * (pl.double() - 0.5), beta
+    )
+    assert_loss_and_grads(out.loss, loss64, policy, rtol=5e-4)
+    assert_metrics(out.metrics, metrics)
+    assert set(out.metrics) == set(PAIR_METRICS)
+
+
+def test_sppo_hard_win_rates_are_half_of_trl_sppo_hard():
+    """p_chosen = 1, p_rejected = 0: SPPO's ½-weighted square loss is half of TRL's ``sppo_hard``."""
+    policy, ref, labels, _ = batch(1)
+    kw = {"bias": policy.b32, "ref_hidden": ref.h32, "ref_weight": ref.w32, "ref_bias": ref.b32}
+    sppo = SPPOLoss(beta=0.3, backend="torch")(
+        policy.h32, policy.w32, labels, p_chosen=torch.ones(B), p_rejected=torch.zeros(B), **kw
+    )
+    hard = DPOLoss(beta=0.3, loss_type="sppo_hard", backend="torch")(policy.h32, policy.w32, labels, **kw)
+    torch.testing.assert_close(2 * sppo.loss, hard.loss)
+
+
+@pytest.mark.parametrize("clamp", [None, 3.0, (-1.0, 2.0)])
+def test_gpo_matches_naive_float64(clamp):
+    policy, ref, labels, gen = batch(2)
+    sw, sl = torch.randn(B, generator=gen) * 0.01, torch.randn(B, generator=gen) * 0.01
+    beta = 0.002
+    out = GPOLoss(beta=beta, clamp=clamp, backend="torch")(
+        policy.h32,
+        policy.w32,
+        labels,
+        s_chosen=sw,
+        s_rejected=sl,
+        bias=policy.b32,
+        ref_hidden=ref.h32,
+        ref_weight=ref.w32,
+        ref_bias=ref.b32,
+    )
+    tc, tr = sw.double() / beta, sl.double() / beta
+    if clamp is not None:
+        low, high = (-clamp, clamp) if isinstance(clamp, float) else clamp
+        tc, tr = tc.clamp(low, high), tr.clamp(low, high)
+        assert ((sw / beta).abs() > min(abs(low), high)).any()  # the clamp bites on this batch
+    loss64, metrics = naive_square(policy, ref, labels, tc, tr, beta)
+    assert_loss_and_grads(out.loss, loss64, policy, rtol=5e-4)
+    assert_metrics(out.metrics, metrics)
+
+
+def test_functional_sppo_gpo_on_sums():
+    gen = torch.Generator().manual_seed(3)
+    x = [torch.randn(4, generator=gen) * 5 for _ in range(4)]
+    p = torch.rand(4, generator=gen)
+    out = PF.sppo_loss(*x, p, 1 - p, beta=0.5)
+    dc, dr = x[0] - x[2], x[1] - x[3]
+    torch.testing.assert_close(
+        out.loss, (0.5 * ((dc - 2 * (p - 0.5)) ** 2 + (dr - 2 * (0.5 - p)) ** 2)).mean()
+    )
+    gout = PF.gpo_loss(*x, p - 0.5, 0.5 - p, beta=0.5)
+    torch.testing.assert_close(gout.loss, out.loss)
+
+
+@pytest.mark.parametrize("name, value", [("p_chosen", 1.5), ("p_rejected", -0.1), ("p_chosen", float("nan"))])
+def test_sppo_probabilities_outside_unit_interval(name, value):
+    policy, _, labels, _ = batch(4)
+    probs = {"p_chosen": torch.full((B,), 0.5), "p_rejected": torch.full((B,), 0.5)}
+    probs[name][1] = value
+    with pytest.raises(ValueError, match=name):
+        SPPOLoss(backend="torch")(policy.h32, policy.w32, labels, ref_logps=torch.zeros(2 * B), **probs)
+
+
+def test_gpo_bad_clamp():
+    with pytest.raises(ValueError, match="clamp"):
+        GPOLoss(clamp=-1.0)
+    with pytest.raises(ValueError, match="clamp"):
+        GPOLoss(clamp=(2.0, 1.0))
