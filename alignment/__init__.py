@@ -20,7 +20,31 @@ from prefuse.alignment.losses import (
 )
 from prefuse.alignment.output import LossOutput
 
+# Trainer integration pulls in transformers (and TRL for the drop-ins): imported on first use, so the losses stay light.
+_LAZY = {
+    "PreferenceTrainer": "prefuse.alignment.trainer",
+    "PreferenceConfig": "prefuse.alignment.trainer",
+    "precompute_ref_logps": "prefuse.alignment.trainer",
+    "build_loss": "prefuse.alignment.trainer",
+    "forward_hidden": "prefuse.alignment.model_head",
+    "CausalLMHead": "prefuse.alignment.model_head",
+    "head_options": "prefuse.alignment.model_head",
+    "run_iterations": "prefuse.alignment.iterative",
+    "PrefuseDPOTrainer": "prefuse.alignment.trl",
+    "PrefuseKTOTrainer": "prefuse.alignment.trl",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'prefuse.alignment' has no attribute {name!r}")
+
+
 __all__ = [
+    *_LAZY,
     "DPO_LOSS_TYPES",
     "CPOLoss",
     "DPOLoss",

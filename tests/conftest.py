@@ -7,10 +7,24 @@ Markers (kept in step with CMakeLists.txt's CTest labels):
 - ``cpu``: everything else, added automatically.
 """
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# `python -m pytest` puts the checkout root on sys.path. transformers probes for the PyPI package `kernels` and
+# would find the repo-root folder `kernels/`, which refuses that name: keep the root off sys.path ...
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != ROOT]
+# ... and load the checkout's plain `benchmarks/` folder as a package by its location instead.
+_spec = importlib.util.spec_from_file_location(
+    "benchmarks", ROOT / "benchmarks" / "__init__.py", submodule_search_locations=[str(ROOT / "benchmarks")]
+)
+sys.modules["benchmarks"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sys.modules["benchmarks"])
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:  # must precede the first import of a module that defines Triton kernels

@@ -18,8 +18,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # benchmarks/ is a plain folder of the repository, not part of the package
-    sys.path.insert(0, str(REPO))
 
 from benchmarks import report
 from benchmarks.accuracy import tolerance

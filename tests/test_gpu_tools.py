@@ -13,11 +13,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `benchmarks` is a repo-root folder, not an installed package
-    sys.path.insert(0, str(ROOT))
 
-from benchmarks import floor, tune  # noqa: E402
-from prefuse.kernels.linear_logprobs import triton_configs as cfg  # noqa: E402
+from prefuse.kernels.linear_logprobs import triton_configs as cfg
+
+from benchmarks import floor, tune
 
 D, V = 4096, 128_256
 

@@ -1,0 +1,219 @@
+"""Collators: tokenised preference examples -> the batches prefuse's losses and ``PreferenceTrainer`` take.
+
+All pad on the right, put ``-100`` in ``labels`` on the prompt and the padding (labels are aligned with
+``input_ids``; the losses shift), and return ``torch`` tensors.
+
+- ``PairedCollator`` (DPO, SamPO, SPPO, GPO): ``2B`` rows, chosen ``[:B]`` then rejected ``[B:]``, one padded
+  length; ``p_chosen``/``p_rejected`` and ``s_chosen``/``s_rejected`` ``(B,)`` float32 when the examples have
+  them; ``ref_logps`` ``(2B, T-1)`` when they carry precomputed reference log-probs.
+- ``UnpairedCollator`` (KTO, FactAlign): ``B`` rows and ``desirable`` ``(B,)`` bool, plus the mismatched KL rows
+  ``kl_input_ids`` / ``kl_attention_mask`` / ``kl_labels``, built inside the batch: completion ``i`` after
+  the next prompt in the batch, ``(i + 1) mod B``, skipping prompts equal to its own (an example with a fixed ``kl_prompt_input_ids``, as ``precompute_ref_logps``
+  writes, uses that prompt instead). With sentence ids: ``sentence_ids`` ``(B, T)`` (``-1`` outside a
+  sentence, ids ``0..S-1`` over the whole batch, row by row), ``sentence_labels`` ``(S,)`` bool and
+  ``kl_sentence_ids`` (the KL rows' sentences numbered ``0..S_kl-1`` on their own).
+
+Precomputed reference log-probs are stored per completion token (``ref_chosen_logps`` / ``ref_rejected_logps``
+/ ``ref_logps`` / ``ref_kl_logps``, one float per completion token); the collators place them where
+``linear_logprobs(..., shift=True)`` puts a token's log-prob (position ``t - 1`` for the token at ``t``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from prefuse.alignment.data.processing import PARTIAL_SENTENCES, truncate_with_sentences
+
+IGNORE_INDEX = -100
+_PAIR_SCALARS = ("p_chosen", "p_rejected", "s_chosen", "s_rejected")
+
+
+def next_different(prompts, i: int) -> int:
+    """Index of the first prompt after ``i`` (cyclically) that differs from ``prompts[i]`` (else ``i + 1``)."""
+    n = len(prompts)
+    for step in range(1, n):
+        j = (i + step) % n
+        if list(prompts[j]) != list(prompts[i]):
+            return j
+    return (i + 1) % n
+
+
+def _padded_length(lengths, multiple: int | None) -> int:
+    length = max(lengths) if lengths else 0
+    if multiple:
+        length = -(-length // multiple) * multiple
+    return length
+
+
+def _rows(prompts, completions, pad_id: int, multiple: int | None, completion_values=None):
+    """``input_ids``, ``attention_mask``, ``labels`` (and per-completion-token values, shifted, if given)."""
+    length = _padded_length([len(p) + len(c) for p, c in zip(prompts, completions)], multiple)
+    n = len(prompts)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+    values = None if completion_values is None else [torch.full((n, length), fill) for fill in
+                                                     (v[1] for v in completion_values)]
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        row = list(p) + list(c)
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+        labels[i, len(p): len(row)] = torch.tensor(list(c), dtype=torch.long)
+        if values is not None:
+            for out, (per_example, _) in zip(values, completion_values):
+                vals = per_example[i]
+                if len(vals) != len(c):
+                    raise ValueError(f"a per-token value list has {len(vals)} entries for {len(c)} completion tokens")
+                out[i, len(p): len(row)] = torch.as_tensor(list(vals), dtype=out.dtype)
+    return input_ids, attention_mask, labels, values
+
+
+def _shifted(per_position: torch.Tensor) -> torch.Tensor:
+    """Values aligned with ``labels`` -> aligned with the shifted per-token output ``(rows, T-1)``."""
+    return per_position[:, 1:].contiguous()
+
+
+@dataclass
+class PairedCollator:
+    """Paired batches (module docstring). ``pad_token_id``: the tokenizer's pad id."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("empty batch")
+        prompts = [f["prompt_input_ids"] for f in features]
+        chosen = [f["chosen_input_ids"] for f in features]
+        rejected = [f["rejected_input_ids"] for f in features]
+        precomputed = all("ref_chosen_logps" in f and "ref_rejected_logps" in f for f in features)
+        values = None
+        if precomputed:
+            values = [([f["ref_chosen_logps"] for f in features] + [f["ref_rejected_logps"] for f in features],
+                       0.0)]
+        input_ids, attention_mask, labels, vals = _rows(prompts + prompts, chosen + rejected, self.pad_token_id,
+                                                        self.pad_to_multiple_of, values)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        for key in _PAIR_SCALARS:
+            if all(key in f and f[key] is not None for f in features):
+                batch[key] = torch.tensor([float(f[key]) for f in features], dtype=torch.float32)
+        if precomputed:
+            batch["ref_logps"] = _shifted(vals[0].float())
+        return batch
+
+
+@dataclass
+class UnpairedCollator:
+    """Unpaired batches with in-batch KL rows and optional sentence ids (module docstring).
+
+    Args:
+        pad_token_id: the tokenizer's pad id.
+        max_length, max_prompt_length: truncation of the KL rows (a KL prompt can be longer than the
+            completion's own prompt); the same rules as ``tokenize_preference_data``.
+        kl_rows: build the mismatched KL rows (KTO's reference point). With one example per batch the KL row
+            is the example itself (no other prompt), which makes KTO's ``z`` the example's own log-ratio.
+        sentences: emit sentence ids (None: when the examples have ``completion_sentence_ids``).
+        partial_sentences: what a KL row's truncation does to a cut sentence (``"drop"`` / ``"keep"``).
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    kl_rows: bool = True
+    sentences: bool | None = None
+    partial_sentences: str = "drop"
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self):
+        if self.partial_sentences not in PARTIAL_SENTENCES:
+            raise ValueError(f"partial_sentences must be one of {PARTIAL_SENTENCES}, got {self.partial_sentences!r}")
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("empty batch")
+        sentences = self.sentences
+        has_ids = all("completion_sentence_ids" in f and "sentence_labels" in f for f in features)
+        if sentences is None:
+            sentences = has_ids
+        elif sentences and not has_ids:
+            raise ValueError(
+                "sentence ids requested but the examples have no completion_sentence_ids/sentence_labels: tokenise "
+                "data with 'sentences' and 'sentence_labels' columns (tokenize_preference_data)"
+            )
+        prompts = [f["prompt_input_ids"] for f in features]
+        completions = [f["completion_input_ids"] for f in features]
+        values = None
+        precomputed = all("ref_logps" in f for f in features)
+        if precomputed:
+            values = [([f["ref_logps"] for f in features], 0.0)]
+        input_ids, attention_mask, labels, vals = _rows(prompts, completions, self.pad_token_id,
+                                                        self.pad_to_multiple_of, values)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                 "desirable": torch.tensor([bool(f["label"]) for f in features], dtype=torch.bool)}
+        if precomputed:
+            batch["ref_logps"] = _shifted(vals[0].float())
+        if sentences:
+            sentence_ids, sentence_labels = self._sentence_rows(
+                [f["completion_sentence_ids"] for f in features], [f["sentence_labels"] for f in features],
+                prompts, input_ids.shape[1])
+            batch["sentence_ids"], batch["sentence_labels"] = sentence_ids, sentence_labels
+        if self.kl_rows:
+            batch.update(self._kl_batch(features, prompts, completions, sentences))
+        return batch
+
+    @staticmethod
+    def _sentence_rows(per_example_ids, per_example_labels, prompts, length):
+        """Sentence ids ``(rows, T)`` numbered over the batch and their labels ``(S,)``."""
+        out = torch.full((len(prompts), length), -1, dtype=torch.long)
+        labels: list[bool] = []
+        for i, (ids, lab, p) in enumerate(zip(per_example_ids, per_example_labels, prompts)):
+            ids = torch.as_tensor(list(ids), dtype=torch.long)
+            if len(lab) and (ids.max().item() >= len(lab)):
+                raise ValueError(f"example {i}: a sentence id exceeds its {len(lab)} sentence labels")
+            out[i, len(p): len(p) + len(ids)] = torch.where(ids >= 0, ids + len(labels), ids)
+            labels += [bool(x) for x in lab]
+        return out, torch.tensor(labels, dtype=torch.bool)
+
+    def _kl_batch(self, features, prompts, completions, sentences) -> dict[str, torch.Tensor]:
+        kl_prompts, kl_completions, kl_ids, kl_labels_list = [], [], [], []
+        for i, f in enumerate(features):
+            prompt = f.get("kl_prompt_input_ids") or prompts[next_different(prompts, i)]
+            ids = list(f["completion_sentence_ids"]) if sentences else [-1] * len(completions[i])
+            labels = list(f["sentence_labels"]) if sentences else []
+            p, c, ids, labels = truncate_with_sentences(prompt, list(completions[i]), ids, labels,
+                                                        max_length=self.max_length,
+                                                        max_prompt_length=self.max_prompt_length,
+                                                        partial=self.partial_sentences)
+            kl_prompts.append(p)
+            kl_completions.append(c)
+            kl_ids.append(ids)
+            kl_labels_list.append(labels)
+        values = None
+        precomputed = all("ref_kl_logps" in f for f in features)
+        if precomputed:
+            values = [([list(f["ref_kl_logps"])[: len(c)] for f, c in zip(features, kl_completions)], 0.0)]
+        input_ids, attention_mask, labels, vals = _rows(kl_prompts, kl_completions, self.pad_token_id,
+                                                        self.pad_to_multiple_of, values)
+        out = {"kl_input_ids": input_ids, "kl_attention_mask": attention_mask, "kl_labels": labels}
+        if precomputed:
+            out["ref_kl_logps"] = _shifted(vals[0].float())
+        if sentences:
+            out["kl_sentence_ids"], _ = self._sentence_rows(kl_ids, kl_labels_list, kl_prompts, input_ids.shape[1])
+        return out
+
+
+def collator_for(method: str, tokenizer, *, max_length: int | None = None, max_prompt_length: int | None = None,
+                 partial_sentences: str = "drop", pad_to_multiple_of: int | None = None):
+    """The collator a method's batches need (``dpo``/``sampo``/``sppo``/``gpo``: paired; ``kto``/``factalign``:
+    unpaired, with sentence ids for ``factalign``)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
+    if method in ("dpo", "sampo", "sppo", "gpo"):
+        return PairedCollator(pad, pad_to_multiple_of=pad_to_multiple_of)
+    if method in ("kto", "factalign"):
+        return UnpairedCollator(pad, max_length=max_length, max_prompt_length=max_prompt_length,
+                                sentences=method == "factalign", partial_sentences=partial_sentences,
+                                pad_to_multiple_of=pad_to_multiple_of)
+    raise ValueError(f"unknown method {method!r}")
