@@ -3,6 +3,6 @@
 if __name__ != "prefuse.kernels":  # the repo-root folder must not shadow PyPI's `kernels`
     raise ImportError(f"this folder is the package `prefuse.kernels`; it cannot be imported as `{__name__}`")
 
-from prefuse.kernels.linear_logprobs import linear_logprobs
+from prefuse.kernels.linear_logprobs import linear_logprobs, vocab_parallel_linear_logprobs
 
-__all__ = ["linear_logprobs"]
+__all__ = ["linear_logprobs", "vocab_parallel_linear_logprobs"]

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from prefuse.kernels import linear_logprobs
 from prefuse.kernels.linear_logprobs import naive_linear_logprobs, op, torch_twin
 
@@ -54,7 +53,7 @@ def make_inputs(shape=(2, 9), dim=19, vocab=67, dtype=torch.float32, device="cpu
     targets[..., : shape[-1] // 3] = ignore_index
     if len(shape) > 1 and shape[0] > 1:
         targets[-1] = ignore_index
-    move = lambda x: None if x is None else x.to(device)  # noqa: E731
+    move = lambda x: None if x is None else x.to(device)
     return move(hidden), move(weight), move(targets), move(b)
 
 

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 from prefuse.alignment import KTOLoss
 from prefuse.alignment import functional as PF
 from test_losses_reference import (
@@ -253,39 +249,27 @@ def test_functional_kto_on_sums():
 
 
 # ----------------------------------------------------------------------------------------- distributed
-def _worker(rank: int, world: int, init_file: str, deltas: list, results):
-    import torch.distributed as dist
+KL_DELTAS = [[3.0], [0.5, 0.5, 1.0, 0.0]]
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        d = torch.tensor(deltas[rank], dtype=torch.float32)
-        z = PF.kl_reference_point(d, torch.zeros_like(d))
-        out = PF.kto_loss(
-            torch.zeros(2),
-            torch.zeros(2),
-            torch.tensor([True, False]),
-            policy_kl_logps=d,
-            ref_kl_logps=torch.zeros_like(d),
-        )
-        results.put((rank, float(z), float(out.metrics["kl"])))
-    finally:
-        dist.destroy_process_group()
+
+def _worker(rank: int, world: int) -> tuple[float, float]:
+    d = torch.tensor(KL_DELTAS[rank], dtype=torch.float32)
+    z = PF.kl_reference_point(d, torch.zeros_like(d))
+    out = PF.kto_loss(
+        torch.zeros(2),
+        torch.zeros(2),
+        torch.tensor([True, False]),
+        policy_kl_logps=d,
+        ref_kl_logps=torch.zeros_like(d),
+    )
+    return float(z), float(out.metrics["kl"])
 
 
 def test_kl_reference_point_is_count_weighted_over_ranks():
-    """Two gloo ranks with 1 and 4 KL rows: z is the mean over all 5 rows, not the mean of rank means."""
-    deltas = [[3.0], [0.5, 0.5, 1.0, 0.0]]
+    """Two gloo ranks with 1 and 4 KL rows: z is the mean over all 5 rows, not the mean of rank means.
+    (The launcher, with its timeouts, and the full 2-rank loss tests are in test_distributed.py.)"""
+    from test_distributed import run_ranks
+
     expected = (3.0 + 2.0) / 5  # count-weighted; the mean of rank means would be (3.0 + 0.5) / 2
-    with tempfile.TemporaryDirectory() as tmp:
-        results = mp.get_context("fork").SimpleQueue()
-        mp.start_processes(
-            _worker,
-            args=(2, os.path.join(tmp, "pg"), deltas, results),
-            nprocs=2,
-            join=True,
-            start_method="fork",
-        )
-        got = [results.get() for _ in range(2)]
-    assert sorted(rank for rank, _, _ in got) == [0, 1]
-    for _, z, kl in got:
+    for z, kl in run_ranks(_worker):
         assert abs(z - expected) < 1e-6 and abs(kl - expected) < 1e-6

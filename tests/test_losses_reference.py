@@ -145,8 +145,11 @@ def naive_pair_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_re
 
 
 def logsig(x):
-    """``log σ(x) = -log(1 + e^{-x})``, written out (stable on both sides)."""
-    return -torch.where(x >= 0, torch.log1p(torch.exp(-x)), -x + torch.log1p(torch.exp(x)))
+    """``log σ(x) = -log(1 + e^{-x})``, written out (stable on both sides; each branch's ``exp`` argument is
+    clamped to <= 0, so the unused branch cannot overflow and poison the gradient with inf * 0)."""
+    return -torch.where(
+        x >= 0, torch.log1p(torch.exp(-x.clamp(min=0))), -x + torch.log1p(torch.exp(x.clamp(max=0)))
+    )
 
 
 # ---------------------------------------------------------------------------------------------- self-checks

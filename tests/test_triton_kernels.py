@@ -16,10 +16,10 @@ import torch
 if not torch.cuda.is_available():  # must precede the kernel imports: triton.jit picks its mode at decoration
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import json  # noqa: E402
+import json
 
-import triton  # noqa: E402
-from prefuse.kernels.linear_logprobs import triton_bwd, triton_configs, triton_fwd  # noqa: E402
+import triton
+from prefuse.kernels.linear_logprobs import triton_bwd, triton_configs, triton_fwd
 
 
 @pytest.fixture(

@@ -12,7 +12,7 @@ from prefuse.alignment.functional.factalign import factalign_loss
 from prefuse.alignment.functional.gpo import gpo_loss
 from prefuse.alignment.functional.kto import kl_reference_point, kto_loss
 from prefuse.alignment.functional.orpo import orpo_loss
-from prefuse.alignment.functional.sampo import sampo_loss, sampo_sample_masks
+from prefuse.alignment.functional.sampo import rank_seed, sampo_loss, sampo_sample_masks
 from prefuse.alignment.functional.simpo import simpo_loss
 from prefuse.alignment.functional.sppo import sppo_loss
 from prefuse.alignment.output import LossOutput
@@ -27,6 +27,7 @@ __all__ = [
     "kl_reference_point",
     "kto_loss",
     "orpo_loss",
+    "rank_seed",
     "sampo_loss",
     "sampo_sample_masks",
     "segment_sum",

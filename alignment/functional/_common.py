@@ -44,10 +44,20 @@ def check_real(
     return value
 
 
-def check_vector(name: str, value, n: int | None = None, *, dtype_kind: str = "float") -> Tensor:
-    """A 1-D tensor (of length ``n`` when given); ``dtype_kind``: ``"float"``, ``"bool"`` or ``"any"`` (real)."""
+def check_device(name: str, value: Tensor, device: torch.device | None) -> None:
+    """``ValueError`` naming ``value`` when it is not on ``device`` (None: any device)."""
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the other inputs are on {device}")
+
+
+def check_vector(
+    name: str, value, n: int | None = None, *, dtype_kind: str = "float", device: torch.device | None = None
+) -> Tensor:
+    """A 1-D tensor (of length ``n`` when given, on ``device`` when given); ``dtype_kind``: ``"float"``,
+    ``"bool"`` or ``"any"`` (real)."""
     if not isinstance(value, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    check_device(name, value, device)
     if value.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(value.shape)}")
     if n is not None and value.shape[0] != n:
@@ -66,6 +76,7 @@ def check_same_shape(name: str, value: Tensor, other_name: str, other: Tensor) -
         raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.shape != other.shape:
         raise ValueError(f"{name} has shape {tuple(value.shape)} but {other_name} has {tuple(other.shape)}")
+    check_device(name, value, other.device)
 
 
 def check_unit_interval(name: str, value: Tensor) -> None:
@@ -82,6 +93,11 @@ def mean_or_zero(values: Tensor, mask: Tensor | None = None) -> Tensor:
         return values.sum() / max(values.numel(), 1)
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def batch_mean(values: Tensor) -> Tensor:
+    """``values.mean()``, or ``values.sum()`` (a differentiable 0) for an empty batch instead of NaN."""
+    return values.mean() if values.numel() else values.sum()
 
 
 def float_tensor(value, like: Tensor) -> Tensor:
@@ -148,8 +164,8 @@ def chosen_nll(chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
 
 
 def check_pair(names: tuple[str, ...], tensors: tuple[Tensor, ...]) -> int:
-    """All 1-D float tensors of one length; returns it."""
+    """All 1-D float tensors of one length on one device; returns the length."""
     n = check_vector(names[0], tensors[0]).shape[0]
     for name, t in zip(names[1:], tensors[1:]):
-        check_vector(name, t, n)
+        check_vector(name, t, n, device=tensors[0].device)
     return n

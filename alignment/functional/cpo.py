@@ -13,7 +13,7 @@ weight 1 in the paper, TRL and Liger). Rewards are ``β·l``.
 from __future__ import annotations
 
 import torch.nn.functional as F
-from prefuse.alignment.functional._common import check_pair, check_real, check_vector, chosen_nll
+from prefuse.alignment.functional._common import batch_mean, check_pair, check_real, check_vector, chosen_nll
 from prefuse.alignment.functional.simpo import average_logps, finish_reference_free
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
@@ -43,9 +43,11 @@ def cpo_loss(
         ("policy_chosen_logps", "policy_rejected_logps"), (policy_chosen_logps, policy_rejected_logps)
     )
     if chosen_lengths is not None:
-        check_vector("chosen_lengths", chosen_lengths, n, dtype_kind="any")
+        check_vector("chosen_lengths", chosen_lengths, n, dtype_kind="any", device=policy_chosen_logps.device)
     if rejected_lengths is not None:
-        check_vector("rejected_lengths", rejected_lengths, n, dtype_kind="any")
+        check_vector(
+            "rejected_lengths", rejected_lengths, n, dtype_kind="any", device=policy_chosen_logps.device
+        )
     if nll_loss is None and chosen_lengths is not None:
         nll_loss = chosen_nll(policy_chosen_logps.float(), chosen_lengths.float())
     if nll_weight > 0 and nll_loss is None:
@@ -57,4 +59,4 @@ def cpo_loss(
         chosen, rejected = average_logps(chosen, chosen_lengths), average_logps(rejected, rejected_lengths)
     u = beta * (chosen - rejected)
     losses = -(1 - label_smoothing) * F.logsigmoid(u) - label_smoothing * F.logsigmoid(-u)
-    return finish_reference_free(losses.mean(), chosen, rejected, beta, nll_weight, nll_loss)
+    return finish_reference_free(batch_mean(losses), chosen, rejected, beta, nll_weight, nll_loss)

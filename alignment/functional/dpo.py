@@ -31,6 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 from prefuse.alignment.functional._common import (
+    batch_mean,
     check_pair,
     check_real,
     check_vector,
@@ -120,8 +121,11 @@ def dpo_pair_losses(
     if loss_type == "apo_down":
         return torch.sigmoid(beta * chosen_logratios) + 1 - torch.sigmoid(u)
     if loss_type == "discopop":
-        modulation = torch.sigmoid(u / discopop_tau)
-        return -F.logsigmoid(u) * (1 - modulation) + torch.exp(-u) * modulation
+        # exp(-u) σ(u/τ) as exp(logσ(u/τ) - u) and 1 - σ(u/τ) as σ(-u/τ): the written-out form overflows to
+        # inf * 0 = NaN for u below about -88 (float32), where the value is ~0 for τ < 1
+        return -F.logsigmoid(u) * torch.sigmoid(-u / discopop_tau) + torch.exp(
+            F.logsigmoid(u / discopop_tau) - u
+        )
     if loss_type == "sigmoid_norm":
         chosen_avg = chosen_logratios / chosen_lengths.clamp(min=1)
         rejected_avg = rejected_logratios / rejected_lengths.clamp(min=1)
@@ -165,9 +169,11 @@ def dpo_loss(
     names = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
     n = check_pair(names, (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps))
     if chosen_lengths is not None:
-        check_vector("chosen_lengths", chosen_lengths, n, dtype_kind="any")
+        check_vector("chosen_lengths", chosen_lengths, n, dtype_kind="any", device=policy_chosen_logps.device)
     if rejected_lengths is not None:
-        check_vector("rejected_lengths", rejected_lengths, n, dtype_kind="any")
+        check_vector(
+            "rejected_lengths", rejected_lengths, n, dtype_kind="any", device=policy_chosen_logps.device
+        )
     if loss_type in _LENGTH_NORMALISED and (chosen_lengths is None or rejected_lengths is None):
         raise ValueError(
             f"loss_type={loss_type!r} normalises by length: pass chosen_lengths and rejected_lengths"
@@ -186,7 +192,7 @@ def dpo_loss(
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     if loss_type == "bco_pair":
-        delta = torch.cat([chosen_rewards, rejected_rewards]).mean() if bco_delta is None else bco_delta
+        delta = batch_mean(torch.cat([chosen_rewards, rejected_rewards])) if bco_delta is None else bco_delta
         bco_delta = float_tensor(delta, pc)
     losses = dpo_pair_losses(
         chosen_logratios, rejected_logratios, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
@@ -194,7 +200,7 @@ def dpo_loss(
         chosen_lengths=None if chosen_lengths is None else chosen_lengths.float(),
         rejected_lengths=None if rejected_lengths is None else rejected_lengths.float(),
     )  # fmt: skip
-    loss = losses.mean() if n > 0 else losses.sum()
+    loss = batch_mean(losses)
     if nll_weight > 0:
         loss = loss + nll_weight * nll_loss
     metrics = pair_metrics(pc, pr, chosen_rewards, rejected_rewards)

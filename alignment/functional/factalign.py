@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from prefuse.alignment.functional._common import (
+    check_device,
     check_real,
     check_vector,
     count_distinct,
@@ -30,10 +31,14 @@ from prefuse.alignment.output import LossOutput
 from torch import Tensor
 
 
-def check_sentence_ids(name: str, ids: Tensor, shape: torch.Size, num_sentences: int | None) -> None:
-    """Integer ids of ``shape``; in eager mode every id lies in ``[-1, num_sentences)`` (or ``>= -1``)."""
+def check_sentence_ids(
+    name: str, ids: Tensor, shape: torch.Size, num_sentences: int | None, device: torch.device | None = None
+) -> None:
+    """Integer ids of ``shape`` (on ``device``); in eager mode every id lies in ``[-1, num_sentences)`` (or
+    ``>= -1``)."""
     if not isinstance(ids, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+    check_device(name, ids, device)
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got {ids.dtype}")
     if ids.shape != shape:
@@ -109,8 +114,12 @@ def factalign_loss(
         raise ValueError("policy_logps must be per-token log-probs of shape (rows, L)")
     if not isinstance(ref_logps, Tensor) or ref_logps.shape != policy_logps.shape:
         raise ValueError(f"ref_logps must be per-token with policy_logps' shape {tuple(policy_logps.shape)}")
-    num_sentences = check_vector("sentence_labels", sentence_labels, dtype_kind="bool").shape[0]
-    check_sentence_ids("sentence_ids", sentence_ids, policy_logps.shape, num_sentences)
+    device = policy_logps.device
+    check_device("ref_logps", ref_logps, device)
+    num_sentences = check_vector("sentence_labels", sentence_labels, dtype_kind="bool", device=device).shape[
+        0
+    ]
+    check_sentence_ids("sentence_ids", sentence_ids, policy_logps.shape, num_sentences, device)
 
     kl_per_token = None
     if kl_sentence_ids is not None:
@@ -123,7 +132,9 @@ def factalign_loss(
             and ref_kl_logps.shape == policy_kl_logps.shape
         ):
             raise ValueError("kl_sentence_ids needs per-token policy_kl_logps and ref_kl_logps (N_kl, L)")
-        check_sentence_ids("kl_sentence_ids", kl_sentence_ids, policy_kl_logps.shape, None)
+        check_sentence_ids("kl_sentence_ids", kl_sentence_ids, policy_kl_logps.shape, None, device)
+        check_device("policy_kl_logps", policy_kl_logps, device)
+        check_device("ref_kl_logps", ref_kl_logps, device)
         kl_per_token = (policy_kl_logps.detach().float(), ref_kl_logps.detach().float())
 
     response = kto_loss(

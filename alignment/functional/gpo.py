@@ -9,7 +9,7 @@ SPPO's square loss with the win-rate target replaced by GPM preference scores ``
 from __future__ import annotations
 
 import torch
-from prefuse.alignment.functional._common import check_pair, check_real, pair_metrics
+from prefuse.alignment.functional._common import batch_mean, check_pair, check_real, pair_metrics
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
 
@@ -60,4 +60,4 @@ def gpo_loss(
     metrics = pair_metrics(
         policy_chosen_logps, policy_rejected_logps, beta * chosen_logratios, beta * rejected_logratios
     )
-    return LossOutput(losses.mean(), metrics)
+    return LossOutput(batch_mean(losses), metrics)

@@ -44,8 +44,9 @@ def kto_terms(
 def kl_reference_point(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
     """``z = max(0, mean_i (policy_kl_logps_i - ref_kl_logps_i))``, detached, count-weighted over ranks.
 
-    When ``torch.distributed`` is initialised the sum and the count are all-reduced (every rank must call
-    this); an empty set gives 0.
+    When ``torch.distributed`` is initialised the sum and the count are all-reduced, so every rank must call
+    this, and with the same source (all with KL rows, or all with a given ``kl``); a rank without KL rows passes
+    empty tensors and counts 0. An empty set everywhere gives 0.
     """
     delta = (policy_kl_logps.detach().float() - ref_kl_logps.detach().float()).reshape(-1)
     count = torch.full((), float(delta.numel()), device=delta.device)
@@ -70,8 +71,8 @@ def resolve_kl(kl, policy_kl_logps: Tensor | None, ref_kl_logps: Tensor | None, 
             "KTO needs its reference point: pass kl, or both policy_kl_logps and ref_kl_logps "
             "(the mismatched KL rows)"
         )
-    n_kl = check_vector("policy_kl_logps", policy_kl_logps).shape[0]
-    check_vector("ref_kl_logps", ref_kl_logps, n_kl)
+    n_kl = check_vector("policy_kl_logps", policy_kl_logps, device=like.device).shape[0]
+    check_vector("ref_kl_logps", ref_kl_logps, n_kl, device=like.device)
     return kl_reference_point(policy_kl_logps, ref_kl_logps)
 
 
@@ -124,8 +125,8 @@ def kto_loss(
     """
     check_kto_options(beta, desirable_weight, undesirable_weight)
     n = check_vector("policy_logps", policy_logps).shape[0]
-    check_vector("ref_logps", ref_logps, n)
-    check_vector("desirable", desirable, n, dtype_kind="bool")
+    check_vector("ref_logps", ref_logps, n, device=policy_logps.device)
+    check_vector("desirable", desirable, n, dtype_kind="bool", device=policy_logps.device)
     z = resolve_kl(kl, policy_kl_logps, ref_kl_logps, policy_logps)
     logratios = policy_logps.float() - ref_logps.detach().float()
     losses = kto_terms(

@@ -17,7 +17,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from prefuse.alignment.functional._common import check_pair, check_real, check_vector, chosen_nll
+from prefuse.alignment.functional._common import batch_mean, check_pair, check_real, check_vector, chosen_nll
 from prefuse.alignment.functional.simpo import average_logps, finish_reference_free
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
@@ -47,15 +47,17 @@ def orpo_loss(
     n = check_pair(
         ("policy_chosen_logps", "policy_rejected_logps"), (policy_chosen_logps, policy_rejected_logps)
     )
-    check_vector("chosen_lengths", chosen_lengths, n, dtype_kind="any")
-    check_vector("rejected_lengths", rejected_lengths, n, dtype_kind="any")
+    check_vector("chosen_lengths", chosen_lengths, n, dtype_kind="any", device=policy_chosen_logps.device)
+    check_vector("rejected_lengths", rejected_lengths, n, dtype_kind="any", device=policy_chosen_logps.device)
     if nll_loss is None:
         nll_loss = chosen_nll(policy_chosen_logps.float(), chosen_lengths.float())
     chosen_avg = average_logps(policy_chosen_logps, chosen_lengths)
     rejected_avg = average_logps(policy_rejected_logps, rejected_lengths)
     log_odds = (chosen_avg - rejected_avg) - (log1mexp(chosen_avg) - log1mexp(rejected_avg))
     ratio = F.logsigmoid(log_odds)
-    out = finish_reference_free(-beta * ratio.mean(), chosen_avg, rejected_avg, beta, nll_weight, nll_loss)
-    out.metrics["log_odds_ratio"] = ratio.detach().mean()
-    out.metrics["log_odds_chosen"] = log_odds.detach().mean()
+    out = finish_reference_free(
+        -beta * batch_mean(ratio), chosen_avg, rejected_avg, beta, nll_weight, nll_loss
+    )
+    out.metrics["log_odds_ratio"] = batch_mean(ratio.detach())
+    out.metrics["log_odds_chosen"] = batch_mean(log_odds.detach())
     return out

@@ -20,6 +20,33 @@ from prefuse.alignment.functional.dpo import dpo_loss
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64's finaliser (Steele et al., 2014): a bijective 64-bit mix."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed that data-parallel rank ``rank`` draws SamPO's samples with, for a run seeded with ``seed``.
+
+    Rank 0 uses ``seed`` itself, so a single process (and the first rank) draw exactly what they drew before
+    data parallelism existed. Rank ``r > 0`` uses a SplitMix64 hash of ``(seed, r)``: every rank has its own
+    stream, so pairs on different ranks get independent samples (with one shared seed every rank would draw
+    the same keys, and same-length pairs on different ranks would keep the same positions), and unlike
+    ``seed + rank`` the streams of neighbouring seeds do not coincide (run seed 1 rank 0 vs seed 0 rank 1).
+    Each pair's sample is a uniform ``k``-subset on every rank, so the union over ranks is a proper per-pair
+    uniform draw; it is reproducible for a given seed and data-parallel layout (world size and the rows each
+    rank gets), but it is not the sample one process would draw on the whole batch.
+    """
+    if rank == 0:
+        return int(seed)
+    return _splitmix64(_splitmix64(int(seed) & _MASK64) ^ int(rank)) & ((1 << 63) - 1)
+
 
 def _random_keys(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> Tensor:
     if generator is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from prefuse.alignment.functional._common import (
+    batch_mean,
     check_pair,
     check_real,
     check_vector,
@@ -70,12 +71,12 @@ def simpo_loss(
     n = check_pair(
         ("policy_chosen_logps", "policy_rejected_logps"), (policy_chosen_logps, policy_rejected_logps)
     )
-    check_vector("chosen_lengths", chosen_lengths, n, dtype_kind="any")
-    check_vector("rejected_lengths", rejected_lengths, n, dtype_kind="any")
+    check_vector("chosen_lengths", chosen_lengths, n, dtype_kind="any", device=policy_chosen_logps.device)
+    check_vector("rejected_lengths", rejected_lengths, n, dtype_kind="any", device=policy_chosen_logps.device)
     if nll_loss is None:
         nll_loss = chosen_nll(policy_chosen_logps.float(), chosen_lengths.float())
     chosen_avg = average_logps(policy_chosen_logps, chosen_lengths)
     rejected_avg = average_logps(policy_rejected_logps, rejected_lengths)
     u = beta * (chosen_avg - rejected_avg) - gamma
     losses = -(1 - label_smoothing) * F.logsigmoid(u) - label_smoothing * F.logsigmoid(-u)
-    return finish_reference_free(losses.mean(), chosen_avg, rejected_avg, beta, nll_weight, nll_loss)
+    return finish_reference_free(batch_mean(losses), chosen_avg, rejected_avg, beta, nll_weight, nll_loss)

@@ -10,7 +10,13 @@ With ``η = 1/β``, log-ratios ``Δw``, ``Δl`` (sums over completion tokens) an
 
 from __future__ import annotations
 
-from prefuse.alignment.functional._common import check_pair, check_real, check_unit_interval, pair_metrics
+from prefuse.alignment.functional._common import (
+    batch_mean,
+    check_pair,
+    check_real,
+    check_unit_interval,
+    pair_metrics,
+)
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
 
@@ -47,4 +53,4 @@ def sppo_loss(
     metrics = pair_metrics(
         policy_chosen_logps, policy_rejected_logps, beta * chosen_logratios, beta * rejected_logratios
     )
-    return LossOutput(losses.mean(), metrics)
+    return LossOutput(batch_mean(losses), metrics)

@@ -17,6 +17,7 @@ from prefuse.kernels import linear_logprobs
 from torch import Tensor, nn
 
 _BACKENDS = ("auto", "triton", "torch")
+POLICY_HEAD = "policy head (hidden, weight, bias; labels are its targets)"
 
 
 class FusedLinearLoss(nn.Module):
@@ -28,6 +29,10 @@ class FusedLinearLoss(nn.Module):
     - ``temperature`` (1.0), ``softcap`` (None): passed to ``linear_logprobs`` for the policy and the reference
       (Gemma-2's ``final_logit_softcapping``; ``temperature = 1 / logit_scale`` for heads that scale logits).
     - ``backend`` ("auto"), ``deterministic`` (False): ``linear_logprobs`` backend options.
+
+    Bad arguments raise ``ValueError`` naming them. A NaN or infinite hidden state on a scored position makes
+    that row's log-prob NaN (``linear_logprobs``' documented choice), hence the loss NaN: no exception and no
+    host sync, so a training loop that wants to skip such a step checks ``torch.isfinite(loss)``.
     """
 
     def __init__(
@@ -63,7 +68,10 @@ class FusedLinearLoss(nn.Module):
         labels_name: str = "labels",
         paired: bool = False,
     ) -> int:
-        """``hidden`` ``(rows, T, D)`` and integer ``labels`` ``(rows, T)``; paired: ``rows = 2B > 0``."""
+        """``hidden`` ``(rows, T, D)`` and integer ``labels`` ``(rows, T)``; paired: ``rows = 2B``.
+
+        ``rows == 0`` is valid (a data-parallel rank without data, a last partial batch): every loss then
+        returns a zero loss that back-propagates zero gradients, and still joins its all-reduces."""
         if not isinstance(hidden, Tensor) or hidden.dim() != 3:
             shape = tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__
             raise ValueError(f"{hidden_name} must be a (rows, T, D) tensor, got {shape}")
@@ -77,7 +85,7 @@ class FusedLinearLoss(nn.Module):
                 f"{labels_name} must be {hidden_name}.shape[:2] = {tuple(hidden.shape[:2])}"
             )
         rows = hidden.shape[0]
-        if paired and (rows == 0 or rows % 2):
+        if paired and rows % 2:
             raise ValueError(
                 f"{hidden_name} has {rows} rows; a paired loss takes 2B rows (chosen [:B], then rejected [B:])"
             )
@@ -110,6 +118,16 @@ class FusedLinearLoss(nn.Module):
             temperature=self.temperature, softcap=self.softcap, backend=self.backend,
             deterministic=self.deterministic,
         )  # fmt: skip
+
+    def _head_logps(
+        self, names: str, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None, shift: bool
+    ) -> Tensor:
+        """``_logps`` with the op's ``ValueError`` prefixed by the loss's own argument ``names`` (the op calls
+        the labels ``targets``)."""
+        try:
+            return self._logps(hidden, weight, targets, bias, shift)
+        except ValueError as err:
+            raise ValueError(f"{names}: {err}") from err
 
     def _reference(
         self,
@@ -155,6 +173,8 @@ class FusedLinearLoss(nn.Module):
         if logps is not None:
             if not isinstance(logps, Tensor) or not logps.dtype.is_floating_point:
                 raise ValueError(f"{logps_name} must be a floating-point tensor")
+            if logps.device != mask.device:
+                raise ValueError(f"{logps_name} is on {logps.device} but labels are on {mask.device}")
             logps = logps.detach().float()
             if logps.shape == (rows,):
                 if per_token:
@@ -205,7 +225,7 @@ class PairedLoss(FusedLinearLoss):
         if not isinstance(shift, bool):
             raise ValueError(f"shift must be a bool, got {shift!r}")
         mask = self._mask(labels, shift)
-        policy = self._logps(hidden, weight, labels, bias, shift).sum(-1)
+        policy = self._head_logps(POLICY_HEAD, hidden, weight, labels, bias, shift).sum(-1)
         ref = None
         if reference:
             ref = self._reference(

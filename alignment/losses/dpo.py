@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from prefuse.alignment.functional._common import batch_mean
 from prefuse.alignment.functional.dpo import check_dpo_options, dpo_loss
 from prefuse.alignment.losses.base import PairedLoss
 from prefuse.alignment.output import LossOutput
@@ -52,17 +53,23 @@ class DPOLoss(PairedLoss):
         self._bco_count: Tensor | None = None
 
     def _bco_delta(self, policy: Tensor, ref: Tensor) -> Tensor:
-        """TRL's ``RunningMoments`` update with this batch's mean reward (one count per rank); the new mean."""
+        """TRL's ``RunningMoments`` update with this batch's mean reward (one count per rank); the new mean.
+
+        As TRL (which gathers the scalar batch means), the update is the mean of the ranks' batch means, so a
+        2-rank run equals a 1-rank run on the whole batch when the ranks hold equal batches; a rank with an empty
+        batch counts 0 (and every rank must call this: it all-reduces)."""
         with torch.no_grad():
-            batch = self.beta * (policy.detach().float() - ref.float()).mean()
-            stats = torch.stack([batch, torch.ones_like(batch)])
+            rewards = self.beta * (policy.detach().float() - ref.float())
+            batch = batch_mean(rewards)  # an empty batch (a rank without data) counts 0: it leaves δ as it is
+            stats = torch.stack([batch, torch.full_like(batch, float(rewards.numel() > 0))])
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(stats, op=dist.ReduceOp.SUM)
             if self._bco_mean is None or self._bco_mean.device != batch.device:
                 self._bco_mean = torch.zeros((), device=batch.device)
                 self._bco_count = torch.zeros((), device=batch.device)
             count = self._bco_count + stats[1]
-            self._bco_mean = self._bco_mean + (stats[0] / stats[1] - self._bco_mean) * stats[1] / count
+            step = (stats[0] / stats[1].clamp(min=1) - self._bco_mean) * stats[1] / count.clamp(min=1)
+            self._bco_mean = self._bco_mean + step
             self._bco_count = count
             return self._bco_mean
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from prefuse.alignment.functional._common import check_vector
 from prefuse.alignment.functional.kto import check_kto_options, kto_loss
-from prefuse.alignment.losses.base import FusedLinearLoss
+from prefuse.alignment.losses.base import POLICY_HEAD, FusedLinearLoss
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
 
@@ -62,9 +62,9 @@ class KTOLoss(FusedLinearLoss):
         rows = self._check_rows(hidden, labels)
         if not isinstance(shift, bool):
             raise ValueError(f"shift must be a bool, got {shift!r}")
-        check_vector("desirable", desirable, rows, dtype_kind="bool")
+        check_vector("desirable", desirable, rows, dtype_kind="bool", device=hidden.device)
         mask = self._mask(labels, shift)
-        policy = self._logps(hidden, weight, labels, bias, shift)
+        policy = self._head_logps(POLICY_HEAD, hidden, weight, labels, bias, shift)
         ref = self._reference(
             hidden=ref_hidden,
             weight=ref_weight,
@@ -99,7 +99,10 @@ class KTOLoss(FusedLinearLoss):
         self._check_rows(kl_hidden, kl_labels, hidden_name="kl_hidden", labels_name="kl_labels")
         kl_mask = self._mask(kl_labels, shift)
         with torch.no_grad():  # z is detached: the KL rows need no backward
-            policy_kl = self._logps(kl_hidden, weight, kl_labels, bias, shift)
+            policy_kl = self._head_logps(
+                "KL rows' head (kl_hidden, weight, bias; kl_labels are its targets)",
+                kl_hidden, weight, kl_labels, bias, shift,
+            )  # fmt: skip
         ref_kl = self._reference(
             hidden=ref_kl_hidden,
             weight=ref_weight,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numbers
 
 import torch
+import torch.distributed as dist
 from prefuse.alignment.functional._common import check_real
-from prefuse.alignment.functional.sampo import sampo_loss, sampo_sample_masks
-from prefuse.alignment.losses.base import PairedLoss
+from prefuse.alignment.functional.sampo import rank_seed, sampo_loss, sampo_sample_masks
+from prefuse.alignment.losses.base import POLICY_HEAD, PairedLoss
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
 
@@ -24,9 +25,15 @@ class SamPOLoss(PairedLoss):
 
     Args:
         beta: β.
-        seed: an ``int`` (a private ``torch.Generator`` on the data's device is seeded with it on first use),
-            a ``torch.Generator`` (used as is), or None (the global RNG, reproducible via
-            ``torch.manual_seed``). Every call draws a new sample; the same seed gives the same sequence.
+        seed: an ``int`` (a private ``torch.Generator`` on the data's device is seeded on first use with
+            ``functional.rank_seed(seed, rank)``: ``seed`` itself in a single process and on rank 0, an
+            independent stream on every other data-parallel rank), a ``torch.Generator`` (used as is), or
+            None (the global RNG, reproducible via ``torch.manual_seed``; ranks seeded alike, as
+            ``accelerate.utils.set_seed`` does by default, then draw identical keys). Every call draws a new
+            sample; the same seed and data-parallel layout give the same sequence.
+        data_parallel_group: the process group whose rank picks the stream (default: the global rank). Pass
+            the data-parallel group when ranks of a tensor-parallel group see the same batch and must keep the
+            same tokens.
         nll_weight: weight of the chosen-token NLL over all chosen completion tokens.
         independent_ref_sample: compatibility with the authors' code (the reference draws its own sample);
             the default shares the sample, as the paper does.
@@ -40,6 +47,7 @@ class SamPOLoss(PairedLoss):
         *,
         nll_weight: float = 0.0,
         independent_ref_sample: bool = False,
+        data_parallel_group=None,
         **options,
     ) -> None:
         super().__init__(**options)
@@ -55,15 +63,26 @@ class SamPOLoss(PairedLoss):
         self.seed = seed
         self.nll_weight = float(nll_weight)
         self.independent_ref_sample = bool(independent_ref_sample)
+        self.data_parallel_group = data_parallel_group
         self._generator: torch.Generator | None = None
+        self._generator_seed: int | None = None
+
+    def rank(self) -> int:
+        """This process's rank in ``data_parallel_group`` (0 without ``torch.distributed``)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return 0
+        return dist.get_rank(self.data_parallel_group)
 
     def generator(self, device: torch.device) -> torch.Generator | None:
-        """The generator the next sample is drawn from (None: the global RNG)."""
+        """The generator the next sample is drawn from (None: the global RNG); seeded once per device and rank
+        with ``rank_seed(seed, rank)``, then advanced by every draw."""
         if self.seed is None or isinstance(self.seed, torch.Generator):
             return self.seed
-        if self._generator is None or self._generator.device != device:
+        seed = rank_seed(int(self.seed), self.rank())
+        if self._generator is None or self._generator.device != device or self._generator_seed != seed:
             self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(int(self.seed))
+            self._generator.manual_seed(seed)
+            self._generator_seed = seed
         return self._generator
 
     def forward(
@@ -93,7 +112,8 @@ class SamPOLoss(PairedLoss):
         )
         policy_keep = torch.cat([mask[:b] if self.nll_weight > 0 else kept[0], kept[1]])
         ref_keep = torch.cat(ref_kept)
-        policy = self._logps(hidden, weight, self._masked_targets(labels, policy_keep, shift), bias, shift)
+        targets = self._masked_targets(labels, policy_keep, shift)
+        policy = self._head_logps(POLICY_HEAD, hidden, weight, targets, bias, shift)
         ref = self._reference(
             hidden=ref_hidden,
             weight=ref_weight,

@@ -18,10 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
-
 from prefuse.kernels.linear_logprobs import torch_twin
 from prefuse.kernels.linear_logprobs.validate import validate_arguments, validate_targets
+from torch import Tensor
 
 
 def _forward_impl(backend: str) -> Callable:
@@ -155,7 +154,7 @@ def _plan(targets: Tensor, ignore_index: int, shift: bool, vocab: int):
         flat = targets[..., 1:].reshape(-1).long()
         rows_all = (
             torch.arange(lead, device=targets.device)[:, None] * steps
-            + torch.arange(steps - 1, device=targets.device)[None, :]
+            + torch.arange(max(steps - 1, 0), device=targets.device)[None, :]  # T = 0: no position
         ).reshape(-1)
     else:
         flat = targets.reshape(-1).long()
@@ -167,6 +166,40 @@ def _plan(targets: Tensor, ignore_index: int, shift: bool, vocab: int):
     order = torch.argsort((~valid).to(torch.int8), stable=True)
     n_valid = valid.sum(dtype=torch.int64).reshape(1)
     return rows_all[order], flat.clamp(0, vocab - 1)[order], n_valid, order, out_of_range
+
+
+def _hidden_rows(hidden: Tensor) -> Tensor:
+    """``hidden`` as ``(M, D)`` rows with unit stride along ``D`` (a view whenever possible, never a gather)."""
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    return hidden2d if hidden2d.stride(-1) == 1 else hidden2d.contiguous()
+
+
+def _unsort(
+    logp_sorted: Tensor,
+    order: Tensor,
+    out_of_range: Tensor,
+    targets_shape,
+    shift: bool,
+    hidden2d: Tensor,
+    rows: Tensor,
+    n_valid: Tensor,
+) -> Tensor:
+    """Sorted log-probs back to their output positions: ignored ones 0.0; NaN for an out-of-range target and for
+    a scored position whose hidden row holds a NaN or an infinity.
+
+    The last rule makes a non-finite hidden state a NaN whatever the options: without it an infinite entry can
+    come out as ``-inf`` or, under a softcap (which saturates ``±inf`` logits to ``±c``), as a finite and
+    meaningless number. It costs one read of the hidden rows (a per-row max-abs reduction: O(tokens) memory,
+    no host sync).
+    """
+    out_shape = (*targets_shape[:-1], max(targets_shape[-1] - 1, 0)) if shift else tuple(targets_shape)
+    scored = torch.arange(rows.numel(), device=rows.device) < n_valid
+    row_max = torch.linalg.vector_norm(hidden2d.detach(), ord=float("inf"), dim=-1)  # NaN/inf survive the max
+    nonfinite = scored & ~row_max.isfinite().index_select(0, rows)
+    logp_sorted = torch.where(nonfinite, torch.nan, logp_sorted)
+    logp = torch.zeros_like(logp_sorted).scatter(0, order, logp_sorted)
+    logp = torch.where(out_of_range, torch.nan, logp)
+    return logp.reshape(out_shape)
 
 
 def _capturing(device: torch.device) -> bool:
@@ -209,23 +242,20 @@ def linear_logprobs(
     Returns:
         float32 log-probabilities, exactly 0.0 at ignored positions. Differentiable in ``hidden``, ``weight``
         and ``bias``, each only when it requires grad. Extra memory is O(tokens): the forward saves the
-        per-token log-sum-exp and the backward recomputes logit tiles. Non-finite hidden states propagate
-        as NaN to the affected positions.
+        per-token log-sum-exp and the backward recomputes logit tiles. A scored position whose hidden row holds
+        a NaN or an infinity is NaN (whatever the softcap, which would otherwise saturate an infinite logit to
+        a finite value); ignored positions stay 0.0. Non-finite ``weight`` / ``bias`` entries are not checked:
+        they make the affected outputs non-finite, or under a softcap meaningless.
 
     Raises:
         ValueError: naming the argument, for a bad shape, dtype, device, option or an out-of-range target.
     """
     validate_arguments(hidden, weight, targets, bias, ignore_index, shift, temperature, softcap, backend)
     backend = _resolve_backend(backend, hidden.device)
-    out_shape = (*targets.shape[:-1], max(targets.shape[-1] - 1, 0)) if shift else tuple(targets.shape)
-    hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    if hidden2d.stride(-1) != 1:
-        hidden2d = hidden2d.contiguous()
     rows, sorted_targets, n_valid, order, out_of_range = _plan(targets, ignore_index, shift, weight.shape[0])
+    hidden2d = _hidden_rows(hidden)
     logp_sorted, _ = _fwd_op(
         hidden2d, weight.contiguous(), bias.contiguous() if bias is not None else None, rows, sorted_targets,
         n_valid, None if softcap is None else float(softcap), 1.0 / float(temperature), backend, deterministic,
     )  # fmt: skip
-    logp = torch.zeros_like(logp_sorted).scatter(0, order, logp_sorted)
-    logp = torch.where(out_of_range, torch.nan, logp)
-    return logp.reshape(out_shape)
+    return _unsort(logp_sorted, order, out_of_range, targets.shape, shift, hidden2d, rows, n_valid)

@@ -17,6 +17,10 @@ Math, per row ``i`` with hidden ``h_i``, target ``t_i`` and upstream gradient ``
 
 Only the first ``n_valid`` of the sorted ``rows`` are computed; the rest are ignored tokens and cost nothing.
 Reading ``n_valid`` is a host synchronisation, free on CPU; the Triton path never syncs.
+
+A target outside ``[0, V)`` contributes nothing: ``z[t_i]`` reads as 0 and the one-hot term is absent, exactly
+as in the Triton kernels (whose column match never fires). ``linear_logprobs`` clamps its targets into range,
+so this only matters for a vocab shard (``vocab_parallel.py``), where the target lives on another rank.
 """
 
 from __future__ import annotations
@@ -56,6 +60,12 @@ def _chunks(n: int, vocab: int, softcap: float | None):
     return ((start, min(n, start + step)) for start in range(0, n, step))
 
 
+def _in_vocab(targets: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
+    """Targets clamped into ``[0, V)`` (safe to gather / scatter) and the mask of those that were inside."""
+    inside = (targets >= 0) & (targets < vocab)
+    return targets.clamp(0, vocab - 1), inside
+
+
 def forward(
     hidden2d: Tensor,
     weight: Tensor,
@@ -79,7 +89,8 @@ def forward(
         z, _ = _scaled_logits(h, w, b, softcap, inv_temperature)
         chunk_lse = torch.logsumexp(z, dim=-1)
         lse[start:end] = chunk_lse
-        logp[start:end] = z.gather(1, targets[start:end, None]).squeeze(1) - chunk_lse
+        target, inside = _in_vocab(targets[start:end], weight.shape[0])
+        logp[start:end] = torch.where(inside, z.gather(1, target[:, None]).squeeze(1), 0.0) - chunk_lse
     return logp, lse
 
 
@@ -116,7 +127,8 @@ def backward(
         g = grad[start:end, None]
         # dl = g * (onehot - softmax(z)) * inv_temperature * (1 - t^2), built in place in z's buffer
         dl = z.sub_(lse[start:end, None]).exp_().mul_(-g)
-        dl.scatter_add_(1, targets[start:end, None], g)
+        target, inside = _in_vocab(targets[start:end], weight.shape[0])
+        dl.scatter_add_(1, target[:, None], torch.where(inside[:, None], g, 0.0))
         dl.mul_(inv_temperature)
         if t is not None:
             dl.mul_(t.square_().neg_().add_(1.0))

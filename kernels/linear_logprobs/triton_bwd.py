@@ -57,7 +57,8 @@ def _grad_logit_tile(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """The fp32 ``(BLOCK_N, BLOCK_V)`` tile of ``dl``; exactly zero on masked rows and columns."""
+    """The fp32 ``(BLOCK_N, BLOCK_V)`` tile of ``dl``; exactly zero on masked rows and columns (so a target
+    outside ``[0, V)``, a vocab shard's out-of-shard target, adds no one-hot term)."""
     z, dz_dl = _logit_tile(
         h_ptrs,
         row_mask,

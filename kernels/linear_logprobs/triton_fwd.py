@@ -17,6 +17,9 @@ the target logit out of the tile that holds it. Per split it writes a partial lo
 (a log-sum-exp over splits, O(tokens)). Nothing of size tokens x vocab exists at any point; the backward
 only needs the returned ``lse``.
 
+A target outside ``[0, V)`` matches no column, so its target logit is 0 (never an index): for a vocab shard
+(``vocab_parallel.py``) the target then lives on another rank. ``linear_logprobs`` itself clamps targets.
+
 Ignored rows: ``rows``/``targets`` are sorted so the ``n_valid`` kept rows come first, and ``n_valid`` is a
 device tensor read inside the kernel (no host synchronisation: the op can be captured in a CUDA graph). A row
 block starting at or past ``n_valid`` walks no tile — no matmul work — and writes zeros; rows past
@@ -172,7 +175,9 @@ def _forward_kernel(
         m_new = tl.maximum(m, tl.max(z, axis=1))  # every tile holds a valid column: finite
         sum_exp = sum_exp * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m = m_new
-        z_target += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
+        # col_mask: a target at or past V (a vocab shard's out-of-shard target) must not pick a masked -inf
+        hit = (cols[None, :] == targets[:, None]) & col_mask[None, :]
+        z_target += tl.sum(tl.where(hit, z, 0.0), axis=1)
 
     out = offs_n * tl.num_programs(1) + pid_s
     # sum_exp >= 1 once a tile is walked (its max term is exp(0)); the floor only spares ignored rows a log(0)

@@ -1,0 +1,212 @@
+r"""Vocab-parallel ``linear_logprobs``: the lm-head's vocabulary sharded over a process group (tensor
+parallelism).
+
+Rank ``r`` holds rows ``[v_start_r, v_end_r)`` of the head ``W`` (and of its bias); the shards of the group
+partition ``[0, V)``. ``hidden`` and the *global* ``targets`` are replicated: the same on every rank, as for
+Megatron-LM's vocab-parallel cross entropy. Per token, with ``z`` the scaled logits of the row::
+
+    lse_r = logsumexp_{v in shard r} z_v          the shard's partial log-sum-exp
+    zt_r  = z_t if v_start_r <= t < v_end_r else 0 the target logit, found on exactly one rank
+    lse   = logsumexp_r lse_r,   logp = sum_r zt_r - lse
+
+**Forward.** Each rank runs the single-device backend of ``op.py`` (``torch_twin.forward`` or
+``triton_fwd.forward``, chosen as ``linear_logprobs`` chooses) on its shard, over the row plan of ``op._plan``
+(sorted rows, ignored tokens last and free), with *shard-local* targets ``t - v_start_r``. A local target
+outside ``[0, V_r)`` contributes 0 to the target logit in both backends, so ``zt_r = logp_r + lse_r``. One
+all-gather of the ``(2, tokens)`` pair ``(lse_r, zt_r)`` then gives ``lse`` and ``logp``; a gather (rather
+than a max and a sum all-reduce) makes the result bit-identical on every rank and independent of reduction
+order.
+Communication is O(tokens) per rank; nothing of size tokens x vocab is built or sent.
+
+**Backward.** ``dz_v = g (onehot(t)_v - exp(z_v - lse))`` for every column, with the *global* ``lse``: the
+backend backward run on the shard with the global ``lse`` and the local targets returns exactly the shard's
+part, i.e. its own ``grad_weight`` / ``grad_bias`` rows (kept local: nothing to communicate) and the partial
+``grad_hidden_r = sum_{v in shard} dl_v W_v``.
+
+**Autograd convention (hidden).** The hidden gradient is **summed over the group inside this op's backward**
+(one all-reduce, in fp32), so every rank's ``hidden.grad`` is the full gradient of the replicated input. This
+is Megatron-LM's convention for a column-parallel lm-head feeding ``vocab_parallel_cross_entropy`` (there the
+all-reduce sits in the linear's ``copy_to_tensor_model_parallel_region``; fusing head and loss moves it here).
+It requires the upstream gradient of ``logp`` to be the same on every rank, which holds when every rank
+computes the same loss from the (identical) ``logp``; do not all-reduce ``hidden``'s gradient again over the
+tensor-parallel group.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.distributed as dist
+from prefuse.kernels.linear_logprobs import op
+from prefuse.kernels.linear_logprobs.validate import validate_arguments
+from torch import Tensor
+
+
+def _world(group) -> int:
+    """Group size; 1 when ``torch.distributed`` is not initialised (a single, whole-vocabulary shard)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def _all_gather(tensor: Tensor, group, world: int) -> Tensor:
+    """``(world, *tensor.shape)``: every rank's ``tensor``, in rank order."""
+    if world == 1:
+        return tensor.unsqueeze(0)
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.stack(parts)
+
+
+def _check_layout(vocab_start: int, vocab_end: int, vocab_size: int, n_targets: int, device, group, world):
+    """Every rank's ``[start, end)`` together partition ``[0, vocab_size)`` and every rank has the same number
+    of target positions. One tiny all-gather and a host read (skipped while compiling or capturing), so
+    every rank sees the same table and raises the same ``ValueError``: none is left waiting in a collective.
+    """
+    mine = torch.tensor([vocab_start, vocab_end, n_targets], dtype=torch.int64, device=device)
+    table = _all_gather(mine, group, world).tolist()
+    if len({row[2] for row in table}) > 1:
+        raise ValueError(
+            f"targets must be replicated over the process group; ranks hold {[row[2] for row in table]} "
+            "target positions"
+        )
+    cursor = 0
+    for start, end, _ in sorted(table):
+        if start != cursor:
+            what = "overlap" if start < cursor else "leave a gap"
+            shards = [tuple(row[:2]) for row in table]
+            raise ValueError(
+                f"the vocab shards {shards} (rank order) {what} at {min(start, cursor)}: they must partition "
+                f"[0, vocab_size={vocab_size})"
+            )
+        cursor = end
+    if cursor != vocab_size:
+        raise ValueError(
+            f"the vocab shards {[tuple(row[:2]) for row in table]} (rank order) cover [0, {cursor}), "
+            f"not [0, vocab_size={vocab_size})"
+        )
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    """Sorted-row log-probs over a sharded head; see the module docstring for both passes."""
+
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, rows, local_targets, n_valid, group, world, options):
+        softcap, inv_temperature, backend, _ = options
+        logp_r, lse_r = op._forward_impl(backend)(
+            hidden2d,
+            weight,
+            bias,
+            rows,
+            local_targets,
+            n_valid,
+            softcap=softcap,
+            inv_temperature=inv_temperature,
+        )
+        parts = _all_gather(torch.stack([lse_r, logp_r + lse_r]), group, world)  # (world, 2, N)
+        valid = torch.arange(rows.numel(), device=rows.device) < n_valid
+        lse = torch.where(valid, torch.logsumexp(parts[:, 0], dim=0), 0.0)
+        logp = torch.where(valid, parts[:, 1].sum(0) - lse, 0.0)
+        ctx.save_for_backward(hidden2d, weight, bias, rows, local_targets, n_valid, lse)
+        ctx.group, ctx.world, ctx.options = group, world, options
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden2d, weight, bias, rows, local_targets, n_valid, lse = ctx.saved_tensors
+        softcap, inv_temperature, backend, deterministic = ctx.options
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_h, grad_w, grad_b = op._backward_impl(backend)(
+            hidden2d, weight, bias, rows, local_targets, n_valid, lse, grad_logp.float().contiguous(),
+            softcap=softcap, inv_temperature=inv_temperature, need_hidden=need_hidden,
+            need_weight=need_weight, need_bias=need_bias and bias is not None, deterministic=deterministic,
+        )  # fmt: skip
+        if grad_h is not None and ctx.world > 1:
+            total = grad_h.float()  # summed in fp32 whatever the dtype: one rounding, after the sum
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+            grad_h = total.to(grad_h.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+@torch.compiler.disable
+def vocab_parallel_linear_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None = None,
+    *,
+    vocab_start: int,
+    vocab_size: int,
+    process_group: dist.ProcessGroup | None = None,
+    ignore_index: int = -100,
+    shift: bool = False,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    backend: str = "auto",
+    deterministic: bool = False,
+) -> Tensor:
+    """``linear_logprobs`` with the head's vocabulary sharded over ``process_group`` (module docstring).
+
+    A separate function rather than keywords on ``linear_logprobs``: it is a *collective* (every rank of the
+    group must call it, with the same ``hidden``, ``targets`` and options), its hidden gradient is all-reduced
+    over the group (Megatron's convention), and it runs eagerly (``torch.compiler.disable``: a graph break
+    under ``torch.compile``), whereas ``linear_logprobs`` is a local, traceable ``torch.library`` op whose
+    schema cannot carry a process group. Both share the row plan, the backends and the argument checks.
+
+    Args:
+        hidden: ``(..., D)``, replicated over the group (same values on every rank).
+        weight: ``(V_r, D)`` this rank's shard: rows ``[vocab_start, vocab_start + V_r)`` of the full head.
+        targets: ``(...)`` *global* token ids in ``[0, vocab_size)`` or ``ignore_index``, replicated.
+        bias: optional ``(V_r,)`` shard of the bias.
+        vocab_start: first vocabulary id of this rank's shard.
+        vocab_size: the full vocabulary size ``V``; the shards of all ranks must partition ``[0, V)`` (checked
+            with one small all-gather in eager mode, so a misconfigured group fails on every rank alike).
+        process_group: the tensor-parallel group (default: the default group). Without an initialised
+            ``torch.distributed`` the call is a single shard (``vocab_start=0``, ``V_r == vocab_size``).
+        ignore_index, shift, temperature, softcap, backend, deterministic: as ``linear_logprobs``.
+
+    Returns:
+        float32 log-probabilities of the full vocabulary's softmax, identical on every rank, 0.0 at ignored
+        positions (NaN at a non-finite hidden state, like ``linear_logprobs``). Gradients: ``weight`` /
+        ``bias`` get this shard's rows; ``hidden`` gets the gradient summed over all shards (on every rank).
+
+    Raises:
+        ValueError: the checks of ``linear_logprobs`` on the shard, a bad ``vocab_start`` / ``vocab_size``,
+            shards that do not partition ``[0, vocab_size)``, targets of different shapes across ranks, or a
+            target outside ``[0, vocab_size)``. The layout and target-count errors come from one all-gathered
+            table, so every rank raises them; an error only one rank can see (its own arguments) is raised
+            there before any collective, and the other ranks wait in theirs until the group's timeout, as with
+            any collective. Every rank must also back-propagate through the result (the backward all-reduces).
+    """
+    validate_arguments(hidden, weight, targets, bias, ignore_index, shift, temperature, softcap, backend)
+    for name, value in (("vocab_start", vocab_start), ("vocab_size", vocab_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+    vocab_start, vocab_size = int(vocab_start), int(vocab_size)
+    vocab_end = vocab_start + weight.shape[0]
+    if vocab_start < 0 or vocab_end > vocab_size:
+        raise ValueError(
+            f"weight's shard [vocab_start={vocab_start}, {vocab_end}) must lie inside "
+            f"[0, vocab_size={vocab_size})"
+        )
+    world = _world(process_group)
+    if world == 1 and (vocab_start, vocab_end) != (0, vocab_size):
+        raise ValueError(
+            f"without a process group of several ranks the shard must be the whole vocabulary; got "
+            f"[{vocab_start}, {vocab_end}) of vocab_size={vocab_size}"
+        )
+    backend = op._resolve_backend(backend, hidden.device)
+    if world > 1 and not (torch.compiler.is_compiling() or op._capturing(hidden.device)):
+        _check_layout(
+            vocab_start, vocab_end, vocab_size, targets.numel(), hidden.device, process_group, world
+        )
+
+    rows, sorted_targets, n_valid, order, out_of_range = op._plan(targets, ignore_index, shift, vocab_size)
+    options = (None if softcap is None else float(softcap), 1.0 / float(temperature), backend, deterministic)
+    hidden2d = op._hidden_rows(hidden)
+    logp_sorted = _VocabParallelLogprobs.apply(
+        hidden2d, weight.contiguous(), bias.contiguous() if bias is not None else None, rows,
+        sorted_targets - vocab_start, n_valid, process_group, world, options,
+    )  # fmt: skip
+    return op._unsort(logp_sorted, order, out_of_range, targets.shape, shift, hidden2d, rows, n_valid)
