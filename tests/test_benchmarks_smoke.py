@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
 from benchmarks import report
 from benchmarks.accuracy import tolerance
 from benchmarks.plan import Case, get_preset
 from benchmarks.runner import in_process, run_cases
+
+REPO = Path(__file__).resolve().parents[1]
 
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None

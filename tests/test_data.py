@@ -1,8 +1,5 @@
 """``prefuse.alignment.data``: bundled data, the locally trained tokenizer, tokenisation and collators."""
 
-import os
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import pytest
 import torch

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
 from prefuse.kernels.linear_logprobs import triton_configs as cfg
 
 from benchmarks import floor, tune
+
+ROOT = Path(__file__).resolve().parents[1]
 
 D, V = 4096, 128_256
 

@@ -7,12 +7,9 @@ sources (default copy, precomputed log-probs, PEFT adapter disabled), metric log
 Liger on CPU, iterative training.
 """
 
+import copy
 import os
 import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-import copy
 
 import pytest
 import torch
@@ -25,6 +22,8 @@ from prefuse.alignment import functional as Fn
 from prefuse.alignment.data import build_tokenizer, load_preference_data
 from prefuse.alignment.iterative import run_iterations
 from prefuse.alignment.trainer import METHODS, PreferenceConfig, PreferenceTrainer
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BETA = 0.1  # SPPO/GPO too (their seeds' 0.001 gives losses of 1e5: fine, but looser to compare)
 

@@ -4,9 +4,6 @@ The same batch (TRL's data preparation and collator) goes through TRL's trainer 
 tiny models are built from configs, the tokenizer is trained locally. Skipped without TRL.
 """
 
-import os
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import warnings
 

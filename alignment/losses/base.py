@@ -13,6 +13,7 @@ import numbers
 
 import torch
 from prefuse.alignment.functional._common import check_real
+from prefuse.alignment.output import LossOutput
 from prefuse.kernels import linear_logprobs
 from torch import Tensor, nn
 
@@ -239,3 +240,33 @@ class PairedLoss(FusedLinearLoss):
                 per_token=False,
             )
         return policy, ref, mask.sum(-1), rows // 2
+
+
+class ReferenceFreePairedLoss(PairedLoss):
+    """Base of SimPO / ORPO / CPO: the paired forward without a reference; subclasses give ``_pair_loss``."""
+
+    def forward(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        *,
+        bias: Tensor | None = None,
+        ref_hidden: Tensor | None = None,
+        ref_weight: Tensor | None = None,
+        ref_bias: Tensor | None = None,
+        ref_logps: Tensor | None = None,
+        shift: bool = True,
+    ) -> LossOutput:
+        """``hidden`` ``(2B, T, D)``, ``labels`` ``(2B, T)``; reference-free (``ref_*`` must be None)."""
+        self._reject_reference(
+            ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps
+        )
+        policy, _, lengths, b = self._paired_sums(hidden, weight, labels, bias, shift, reference=False)
+        return self._pair_loss(policy[:b], policy[b:], lengths[:b], lengths[b:])
+
+    def _pair_loss(
+        self, chosen: Tensor, rejected: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor
+    ) -> LossOutput:
+        """The loss from ``(B,)`` completion log-prob sums and completion lengths."""
+        raise NotImplementedError

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from prefuse.alignment.functional._common import check_real
 from prefuse.alignment.functional.cpo import cpo_loss
-from prefuse.alignment.losses.base import PairedLoss
+from prefuse.alignment.losses.base import ReferenceFreePairedLoss
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
 
 
-class CPOLoss(PairedLoss):
+class CPOLoss(ReferenceFreePairedLoss):
     """CPO (see ``prefuse.alignment.functional.cpo``), as Liger-Kernel computes it::
 
         loss = mean_b [-(1-ε) logσ(β(lw - ll)) - ε logσ(-β(lw - ll))] + nll_weight · NLL
@@ -40,32 +40,17 @@ class CPOLoss(PairedLoss):
         self.nll_weight = check_real("nll_weight", nll_weight, low=0.0)
         self.average_log_prob = bool(average_log_prob)
 
-    def forward(
-        self,
-        hidden: Tensor,
-        weight: Tensor,
-        labels: Tensor,
-        *,
-        bias: Tensor | None = None,
-        ref_hidden: Tensor | None = None,
-        ref_weight: Tensor | None = None,
-        ref_bias: Tensor | None = None,
-        ref_logps: Tensor | None = None,
-        shift: bool = True,
+    def _pair_loss(
+        self, chosen: Tensor, rejected: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor
     ) -> LossOutput:
-        """``hidden`` ``(2B, T, D)``, ``labels`` ``(2B, T)``; reference-free (``ref_*`` must be None)."""
-        self._reject_reference(
-            ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps
-        )
-        policy, _, lengths, b = self._paired_sums(hidden, weight, labels, bias, shift, reference=False)
         return cpo_loss(
-            policy[:b],
-            policy[b:],
+            chosen,
+            rejected,
             beta=self.beta,
             label_smoothing=self.label_smoothing,
             nll_weight=self.nll_weight,
-            chosen_lengths=lengths[:b],
-            rejected_lengths=lengths[b:],
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
             average_log_prob=self.average_log_prob,
         )
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from prefuse.alignment.functional._common import check_real
 from prefuse.alignment.functional.orpo import orpo_loss
-from prefuse.alignment.losses.base import PairedLoss
+from prefuse.alignment.losses.base import ReferenceFreePairedLoss
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
 
 
-class ORPOLoss(PairedLoss):
+class ORPOLoss(ReferenceFreePairedLoss):
     """ORPO (see ``prefuse.alignment.functional.orpo``), as Liger-Kernel computes it::
 
         loss = nll_weight · NLL - β · mean_b logσ(log_odds),
@@ -29,26 +29,11 @@ class ORPOLoss(PairedLoss):
         self.beta = check_real("beta", beta, low=0.0, low_open=True)
         self.nll_weight = check_real("nll_weight", nll_weight, low=0.0)
 
-    def forward(
-        self,
-        hidden: Tensor,
-        weight: Tensor,
-        labels: Tensor,
-        *,
-        bias: Tensor | None = None,
-        ref_hidden: Tensor | None = None,
-        ref_weight: Tensor | None = None,
-        ref_bias: Tensor | None = None,
-        ref_logps: Tensor | None = None,
-        shift: bool = True,
+    def _pair_loss(
+        self, chosen: Tensor, rejected: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor
     ) -> LossOutput:
-        """``hidden`` ``(2B, T, D)``, ``labels`` ``(2B, T)``; reference-free (``ref_*`` must be None)."""
-        self._reject_reference(
-            ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps
-        )
-        policy, _, lengths, b = self._paired_sums(hidden, weight, labels, bias, shift, reference=False)
         return orpo_loss(
-            policy[:b], policy[b:], lengths[:b], lengths[b:], beta=self.beta, nll_weight=self.nll_weight
+            chosen, rejected, chosen_lengths, rejected_lengths, beta=self.beta, nll_weight=self.nll_weight
         )
 
     def extra_repr(self) -> str:

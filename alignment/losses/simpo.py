@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from prefuse.alignment.functional._common import check_real
 from prefuse.alignment.functional.simpo import simpo_loss
-from prefuse.alignment.losses.base import PairedLoss
+from prefuse.alignment.losses.base import ReferenceFreePairedLoss
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
 
 
-class SimPOLoss(PairedLoss):
+class SimPOLoss(ReferenceFreePairedLoss):
     """SimPO (see ``prefuse.alignment.functional.simpo``), as Liger-Kernel computes it::
 
         loss = mean_b [-(1-ε) logσ(β(āw - āl) - γ) - ε logσ(-(β(āw - āl) - γ))] + nll_weight · NLL
@@ -38,29 +38,14 @@ class SimPOLoss(PairedLoss):
         self.label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
         self.nll_weight = check_real("nll_weight", nll_weight, low=0.0)
 
-    def forward(
-        self,
-        hidden: Tensor,
-        weight: Tensor,
-        labels: Tensor,
-        *,
-        bias: Tensor | None = None,
-        ref_hidden: Tensor | None = None,
-        ref_weight: Tensor | None = None,
-        ref_bias: Tensor | None = None,
-        ref_logps: Tensor | None = None,
-        shift: bool = True,
+    def _pair_loss(
+        self, chosen: Tensor, rejected: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor
     ) -> LossOutput:
-        """``hidden`` ``(2B, T, D)``, ``labels`` ``(2B, T)``; reference-free (``ref_*`` must be None)."""
-        self._reject_reference(
-            ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps
-        )
-        policy, _, lengths, b = self._paired_sums(hidden, weight, labels, bias, shift, reference=False)
         return simpo_loss(
-            policy[:b],
-            policy[b:],
-            lengths[:b],
-            lengths[b:],
+            chosen,
+            rejected,
+            chosen_lengths,
+            rejected_lengths,
             beta=self.beta,
             gamma=self.gamma,
             label_smoothing=self.label_smoothing,
