@@ -24,7 +24,32 @@ What the model does *after* its head is returned as options for ``prefuse.kernel
 The lm-head weight is the tied input embedding where the model ties them (same ``Parameter``: its gradient
 collects both uses). A LoRA adapter *on the lm-head* is refused (its delta would be skipped); PEFT's
 ``modules_to_save`` copy of the head is followed (the active copy, or the original with adapters disabled).
-DeepSpeed ZeRO-3 (a partitioned head read outside its module's forward) is refused with a clear error.
+
+**Sharded heads (FSDP2, DeepSpeed ZeRO-3).** Outside its module's forward a sharded lm-head weight is not the
+weight: a ``DTensor`` holding this rank's rows under FSDP2's ``fully_shard``, an empty partitioned parameter under
+ZeRO-3. Both engines gather a module's parameters in hooks around that module's ``__call__`` (pre-forward:
+all-gather; post-forward: free, and hook the outputs so that backward re-gathers before the module's backward and
+reduce-scatters the gradient after it). So the op runs *inside the head module's forward*:
+``CausalLMHead.apply(fn, ...)`` (and ``.logprobs``) calls the head module with its ``forward`` replaced, for that
+one call, by ``fn(hidden, weight, ..., bias=bias)`` on the weight as the forward sees it. The op's backward, which
+recomputes logit tiles from the saved weight, then runs inside the window the engine's pre-backward hook opens,
+and the weight's gradient lands on the unsharded parameter the engine reduce-scatters -- exactly as for the
+model's own ``nn.Linear`` head. An unsharded head takes the same path (the hooks are simply absent), so there is
+one code path, the one the CPU tests run.
+
+Why not ``weight.full_tensor()`` (FSDP2) or ``deepspeed.zero.GatheredParameters`` around the op: the first is a
+differentiable redistribute whose backward assumes the full gradient is *replicated* (identical on every rank)
+and just keeps this rank's rows -- with data parallelism each rank's gradient differs, so the cross-rank
+reduction is skipped, and the gradient bypasses FSDP's reduce-scatter (and its mixed-precision / gradient-
+division policy); it also materialises a second full copy of the head. The second gathers outside any module's
+hooks, so the weight is released again before the op's backward (which needs it) runs, and the gradient of a
+``modifier_rank=None`` gather is not partitioned back. Going through the module's own ``__call__`` is what the
+engines already handle, for any engine that hooks modules.
+
+A head left in FSDP2's *root* group (the usual case, and the only one for tied embeddings: the shared
+``Parameter`` lives in the group of the module that owns both uses) has no hooks of its own; the root does not
+reshard after forward (FSDP2 keeps the root's parameters unsharded until its post-backward), so the head module's
+weight is the unsharded ``Parameter`` from the model's forward until the end of backward and the same call works.
 """
 
 from __future__ import annotations
@@ -52,9 +77,12 @@ __all__ = [
 class CausalLMHead(NamedTuple):
     """What ``forward_hidden`` hands back.
 
-    ``hidden`` ``(B, T, D)`` is the lm-head's input (same dtype and device as ``weight``); ``weight`` ``(V, D)``
-    and ``bias`` ``(V,)`` or None the head; ``softcap`` / ``temperature`` the post-head transform as
-    ``linear_logprobs`` options (``head_options``).
+    ``hidden`` ``(B, T, D)`` is the lm-head's input (dtype and device of the weight as the head's forward sees
+    it); ``weight`` ``(V, D)`` and ``bias`` ``(V,)`` or None the head's parameters as they are *outside* its
+    forward -- the full weight, unless FSDP2 / ZeRO-3 shard it (a ``DTensor`` / an empty partitioned
+    parameter: compute with ``apply`` or ``logprobs``, which work in every case); ``softcap`` / ``temperature``
+    the post-head transform as ``linear_logprobs`` options (``head_options``); ``module`` the head module whose
+    ``__call__`` ``apply`` goes through (the active PEFT ``modules_to_save`` copy where there is one).
     """
 
     hidden: Tensor
@@ -62,19 +90,34 @@ class CausalLMHead(NamedTuple):
     bias: Tensor | None
     softcap: float | None
     temperature: float
+    module: nn.Module | None = None
 
     @property
     def options(self) -> dict[str, Any]:
         """``{"softcap": ..., "temperature": ...}`` for ``linear_logprobs`` or a prefuse loss module."""
         return {"softcap": self.softcap, "temperature": self.temperature}
 
+    def apply(self, fn, /, *args, **kwargs):
+        """``fn(hidden, weight, *args, bias=bias, **kwargs)`` run inside the head module's forward.
+
+        ``fn`` is ``prefuse.kernels.linear_logprobs`` or a prefuse loss module (anything taking
+        ``(hidden, weight, ...)`` and ``bias=``); it sees the weight and bias *as the head's forward sees them*:
+        gathered under FSDP2 / ZeRO-3 (module docstring), cast to ``hidden``'s dtype under autocast. Its result
+        must be tensors in tuples / dicts / named tuples (a ``LossOutput`` is), so that the engines can hook
+        the backward. Without ``module`` (a head built by hand) ``fn`` gets ``weight`` and ``bias`` directly.
+        """
+        if self.module is None:
+            return fn(self.hidden, self.weight, *args, bias=self.bias, **kwargs)
+        return _call_in_head_forward(self.module, self.hidden, fn, args, kwargs)
+
     def logprobs(self, labels: Tensor, *, shift: bool = True, ignore_index: int = -100,
-                 backend: str = "auto") -> Tensor:
-        """Per-token ``log p(label)`` through ``prefuse.kernels.linear_logprobs`` (``(B, T-1)`` with shift)."""
+                 backend: str = "auto", deterministic: bool = False) -> Tensor:
+        """Per-token ``log p(label)`` through ``prefuse.kernels.linear_logprobs`` (``(B, T-1)`` with shift),
+        inside the head's forward (``apply``)."""
         from prefuse.kernels import linear_logprobs
 
-        return linear_logprobs(self.hidden, self.weight, labels, self.bias, ignore_index=ignore_index,
-                               shift=shift, backend=backend, **self.options)
+        return self.apply(linear_logprobs, labels, ignore_index=ignore_index, shift=shift, backend=backend,
+                          deterministic=deterministic, **self.options)
 
 
 # ---------------------------------------------------------------------------------------------- unwrapping
@@ -145,23 +188,19 @@ def _active_linear(head: nn.Module) -> nn.Module:
 
 
 def output_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """``(weight (V, D), bias (V,) or None)`` of ``model``'s lm-head (the tied embedding where tied)."""
-    linear = _active_linear(unwrap_causal_lm(model).get_output_embeddings())
+    """``(weight (V, D), bias (V,) or None)`` of ``model``'s lm-head (the tied embedding where tied), as they are
+    outside the head's forward (possibly sharded: see the module docstring)."""
+    return _linear_params(_active_linear(unwrap_causal_lm(model).get_output_embeddings()))
+
+
+def _linear_params(linear: nn.Module) -> tuple[Tensor, Tensor | None]:
     weight = getattr(linear, "weight", None)
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
+    # a ZeRO-3 partitioned parameter is empty outside the forward; its real shape is ``ds_shape``
+    shape = getattr(weight, "ds_shape", None) if isinstance(weight, Tensor) else None
+    if not isinstance(weight, Tensor) or len(weight.shape if shape is None else shape) != 2:
         raise ValueError(f"the lm-head {type(linear).__name__} has no (V, D) weight; prefuse needs a linear head")
-    _refuse_zero3(weight)
     bias = getattr(linear, "bias", None)
     return weight, bias if isinstance(bias, Tensor) else None
-
-
-def _refuse_zero3(weight: Tensor) -> None:
-    if hasattr(weight, "ds_id") and getattr(weight, "ds_numel", weight.numel()) != weight.numel():
-        raise ValueError(
-            "DeepSpeed ZeRO-3 partitions the lm-head, and prefuse reads it outside the head's forward (its backward "
-            "recomputes logit tiles from the weight): use ZeRO-1/2 or FSDP's full lm-head, or keep the head out "
-            "of ZeRO-3 partitioning"
-        )
 
 
 # ---------------------------------------------------------------------------------------------- head options
@@ -230,6 +269,9 @@ def _capturing_head(causal_lm: nn.Module, box: dict):
         if torch.is_autocast_enabled(device_type):
             box["autocast_dtype"] = torch.get_autocast_dtype(device_type)
         weight, bias = linear.weight, getattr(linear, "bias", None)
+        box["linear"] = linear
+        # the weight as the forward sees it: gathered, in FSDP2's mixed-precision param_dtype
+        box["dtype"], box["device"] = weight.dtype, weight.device
         # zero vocabulary rows: no work, but the head stays in the graph of the model's output
         return F.linear(hidden_states, weight[:0].to(hidden_states.device),
                         None if bias is None else bias[:0].to(hidden_states.device))
@@ -255,11 +297,13 @@ def forward_hidden(model: nn.Module, input_ids: Tensor | None = None, attention_
         input_ids, attention_mask, **kwargs: the model's inputs (``position_ids``, ``inputs_embeds`` ...).
 
     Returns:
-        ``CausalLMHead(hidden, weight, bias, softcap, temperature)``. ``hidden`` is moved to the head's device
-        and dtype (under autocast both are cast to the autocast dtype, differentiably, as ``nn.Linear`` would).
+        ``CausalLMHead(hidden, weight, bias, softcap, temperature, module)``. ``hidden`` is moved to the head's
+        device and dtype as its forward sees them (under autocast both are cast to the autocast dtype,
+        differentiably, as ``nn.Linear`` would). Compute with ``.apply(fn, ...)`` / ``.logprobs(labels)``: they
+        run inside the head module's forward, which a sharded head (FSDP2, ZeRO-3) needs.
     """
     causal_lm = unwrap_causal_lm(model)
-    weight, bias = output_head(causal_lm)
+    output_head(causal_lm)  # a clear error for a head prefuse cannot use, before the forward runs
     box: dict = {}
     kwargs.setdefault("use_cache", False)
     with _capturing_head(causal_lm, box):
@@ -269,19 +313,47 @@ def forward_hidden(model: nn.Module, input_ids: Tensor | None = None, attention_
             f"{type(causal_lm).__name__}.forward never called its output-embedding module; prefuse cannot take "
             "its last hidden state"
         )
+    linear = box["linear"]
+    weight, bias = _linear_params(linear)
     hidden = box["hidden"]
     if input_ids is not None and hidden.dim() == 3 and hidden.shape[1] > input_ids.shape[-1]:
         hidden = hidden[:, -input_ids.shape[-1]:]  # prompt-learning PEFT prepends virtual tokens
-    if hidden.device != weight.device:  # a model split across devices ends on the head's device
-        hidden = hidden.to(weight.device)
-    dtype = box.get("autocast_dtype")
-    if dtype is not None and dtype != weight.dtype:
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    elif hidden.dtype != weight.dtype:
-        hidden = hidden.to(weight.dtype)
+    if hidden.device != box["device"]:  # a model split across devices ends on the head's device
+        hidden = hidden.to(box["device"])
+    dtype = box.get("autocast_dtype") or box["dtype"]
+    if hidden.dtype != dtype:
+        hidden = hidden.to(dtype)
+    if weight.dtype != dtype:  # autocast: the head computes in its dtype (apply casts the live weight too)
+        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
     options = head_options(causal_lm)
-    return CausalLMHead(hidden, weight, bias, options["softcap"], options["temperature"])
+    return CausalLMHead(hidden, weight, bias, options["softcap"], options["temperature"], linear)
+
+
+def _call_in_head_forward(linear: nn.Module, hidden: Tensor, fn, args: tuple, kwargs: dict):
+    """``linear(hidden)`` with ``linear.forward`` replaced, for this call, by ``fn`` on the live weight and bias.
+
+    Calling the module (not ``fn`` directly) is the point: FSDP2's and ZeRO-3's hooks on it gather the weight
+    around ``fn``'s forward and backward and reduce-scatter its gradient (module docstring). ``hidden`` goes
+    through the call as its input, as the model's own ``hidden -> logits`` call would (FSDP2 hooks its
+    post-backward on the inputs; mixed precision casts them)."""
+    had_own_forward = "forward" in linear.__dict__
+    previous = linear.__dict__.get("forward")
+
+    def forward(hidden_states: Tensor):
+        weight, bias = linear.weight, getattr(linear, "bias", None)
+        bias = bias if isinstance(bias, Tensor) else None
+        if weight.dtype != hidden_states.dtype:  # autocast: what nn.Linear would compute in
+            weight, bias = weight.to(hidden_states.dtype), None if bias is None else bias.to(hidden_states.dtype)
+        return fn(hidden_states, weight, *args, bias=bias, **kwargs)
+
+    linear.forward = forward
+    try:
+        return linear(hidden)
+    finally:
+        if had_own_forward:
+            linear.forward = previous
+        else:
+            del linear.forward
 
 
 @contextlib.contextmanager
@@ -302,13 +374,10 @@ def check_head(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | Non
     A one-off check for an architecture this module does not know (it computes the full logits once);
     raises ``ValueError`` above ``atol``. Returns the difference.
     """
-    from prefuse.kernels import linear_logprobs
-
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         naive = torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        head = forward_hidden(model, input_ids, attention_mask)
-        fused = linear_logprobs(head.hidden, head.weight, input_ids, head.bias, shift=True, **head.options)
+        fused = forward_hidden(model, input_ids, attention_mask).logprobs(input_ids)
     diff = (naive - fused).abs().max().item()
     if not diff <= atol:
         raise ValueError(f"prefuse's head differs from the model's logits by {diff:.3g} (> atol={atol})")

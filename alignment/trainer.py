@@ -12,6 +12,8 @@ computes the log-probs with the fused head and the loss. The reference is, in th
 
 Loss metrics (``rewards/margins`` ...) are accumulated per step and logged through ``self.log`` averaged over
 the logging window (and over processes), with an ``eval_`` prefix during evaluation, as TRL's trainers do.
+The loss runs inside the policy's lm-head forward and the reference log-probs inside the reference head's
+(``CausalLMHead.apply`` / ``.logprobs``), so an FSDP2- or ZeRO-3-sharded head is gathered where it is used.
 ``head="naive"`` computes the same losses from the model's full logits (``log_softmax`` and gather, the plain
 PyTorch way) -- the baseline the CLI measures prefuse against.
 """
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -153,14 +157,10 @@ def naive_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
 def reference_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *,
                           head: str = "fused", backend: str = "auto") -> Tensor:
     """Per-token reference log-probs ``(rows, T-1)`` without grad: prefuse's head (or full logits)."""
-    from prefuse.kernels import linear_logprobs
-
     with torch.no_grad():
         if head == "naive":
             return naive_token_logps(model, input_ids, attention_mask, labels)
-        out = forward_hidden(model, input_ids, attention_mask)
-        return linear_logprobs(out.hidden, out.weight, labels, out.bias, shift=True, backend=backend,
-                               **out.options)
+        return forward_hidden(model, input_ids, attention_mask).logprobs(labels, backend=backend)
 
 
 def precompute_ref_logps(ref_model: nn.Module, dataset, collator, *, batch_size: int = 8,
@@ -328,6 +328,9 @@ class PreferenceTrainer(Trainer):
                                                or "completion_sentence_ids" in columns):
             raise ValueError("FactAlign needs sentence columns (sentences, sentence_labels)")
         if tokenized:
+            from prefuse.alignment.data import check_tokenized_data
+
+            check_tokenized_data(dataset, self.method)  # a bad row: ValueError naming its index and field
             return dataset
         if processing_class is None:
             raise ValueError("text data needs processing_class (the tokenizer) to be tokenised")
@@ -353,21 +356,22 @@ class PreferenceTrainer(Trainer):
         with torch.set_grad_enabled(grad):  # KL rows: z is detached, no backward through them
             policy = forward_hidden(model, ids, mask)
         ref_name = "ref_logps" if prefix == "" else "ref_kl_logps"
-        hidden_name = "ref_hidden" if prefix == "" else "ref_kl_hidden"
         if ref_name in inputs:
             return policy, {ref_name: inputs[ref_name]}
-        ref = self._reference_head(model, ids, mask)
-        reference = {hidden_name: ref.hidden, "ref_weight": ref.weight, "ref_bias": ref.bias}
-        return policy, reference
+        return policy, {ref_name: self._reference_logps(model, ids, mask, inputs[f"{prefix}labels"])}
 
-    def _reference_head(self, model, ids, mask):
+    def _reference_logps(self, model, ids, mask, labels) -> Tensor:
+        """Per-token reference log-probs ``(rows, T-1)``, computed in the reference head's own forward (so a
+        sharded reference head is gathered for it) and handed to the loss as ``ref_logps``."""
         if self.ref_source == "precomputed":
             raise ValueError("precompute_ref_log_probs=True but the batch has no precomputed reference log-probs")
         with torch.no_grad():
             if self.ref_model is not None:
-                return forward_hidden(self.ref_model, ids, mask)
-            with adapter_disabled(model):
-                return forward_hidden(model, ids, mask)
+                ref = forward_hidden(self.ref_model, ids, mask)
+            else:
+                with adapter_disabled(model):
+                    ref = forward_hidden(model, ids, mask)
+            return ref.logprobs(labels, ignore_index=self.loss_module.ignore_index, backend=self.args.loss_backend)
 
     def preference_loss(self, model: nn.Module, inputs: dict) -> LossOutput:
         """The method's ``LossOutput`` on a collated batch (the policy's graph attached to ``loss``)."""
@@ -376,23 +380,21 @@ class PreferenceTrainer(Trainer):
         method, loss = self.method, self.loss_module
         labels = inputs["labels"]
         policy, ref = self._policy_and_reference(model, inputs)
-        head = {"bias": policy.bias, **ref}
+        # the loss runs inside the policy head's forward (CausalLMHead.apply): a sharded head is gathered for it
         if method in ("dpo", "sampo"):
-            return loss(policy.hidden, policy.weight, labels, **head)
+            return policy.apply(loss, labels, **ref)
         if method == "sppo":
-            return loss(policy.hidden, policy.weight, labels, p_chosen=inputs["p_chosen"],
-                        p_rejected=inputs["p_rejected"], **head)
+            return policy.apply(loss, labels, p_chosen=inputs["p_chosen"], p_rejected=inputs["p_rejected"], **ref)
         if method == "gpo":
-            return loss(policy.hidden, policy.weight, labels, s_chosen=inputs["s_chosen"],
-                        s_rejected=inputs["s_rejected"], **head)
+            return policy.apply(loss, labels, s_chosen=inputs["s_chosen"], s_rejected=inputs["s_rejected"], **ref)
         kl_policy, kl_ref = self._policy_and_reference(model, inputs, prefix="kl_")
-        # the reference head (ref_weight / ref_bias) is the same object for the rows and the KL rows
-        kwargs = {"kl_hidden": kl_policy.hidden, "kl_labels": inputs["kl_labels"], **head, **kl_ref}
+        # the KL rows go through the same head (the policy's weight) within the same call
+        kwargs = {"kl_hidden": kl_policy.hidden, "kl_labels": inputs["kl_labels"], **ref, **kl_ref}
         if method == "kto":
-            return loss(policy.hidden, policy.weight, labels, inputs["desirable"], **kwargs)
-        return loss(policy.hidden, policy.weight, labels, inputs["desirable"], sentence_ids=inputs["sentence_ids"],
-                    sentence_labels=inputs["sentence_labels"], kl_sentence_ids=inputs.get("kl_sentence_ids"),
-                    **kwargs)
+            return policy.apply(loss, labels, inputs["desirable"], **kwargs)
+        return policy.apply(loss, labels, inputs["desirable"], sentence_ids=inputs["sentence_ids"],
+                            sentence_labels=inputs["sentence_labels"], kl_sentence_ids=inputs.get("kl_sentence_ids"),
+                            **kwargs)
 
     def _naive_logps(self, model, inputs, prefix: str = "") -> tuple[Tensor, Tensor]:
         ids, mask, labels = (inputs[f"{prefix}input_ids"], inputs[f"{prefix}attention_mask"],
@@ -487,3 +489,90 @@ class PreferenceTrainer(Trainer):
             logs.update({prefix + k: v for k, v in zip(keys, means.tolist())})  # in place: evaluate() returns it
             stored.clear()
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    # A checkpoint also holds prefuse's own state, so that a resumed run continues the uninterrupted one exactly:
+    # ``prefuse_state.pt`` (``prefuse_state_{rank}.pt`` per process when distributed: the SamPO sampling
+    # stream's position) and, for the default reference (a frozen copy of the initial policy),
+    # ``reference_model.safetensors`` -- the copy's weights, written once per run and hard-linked into later
+    # checkpoints. ``train(resume_from_checkpoint=...)`` restores both before the base class resumes, so the
+    # reference stays the INITIAL policy whatever model the resumed trainer was built from. A ``ref_model`` or
+    # a PEFT base (adapter disabled) is the caller's and is not saved: pass the same one when resuming;
+    # precomputed reference log-probs are recomputed at construction from the model (or ``ref_model``) given,
+    # so build the resumed trainer from the initial policy, or pass the data set with its reference columns.
+    PREFUSE_STATE_NAME = "prefuse_state.pt"
+    REFERENCE_WEIGHTS_NAME = "reference_model.safetensors"
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """``Trainer.train``; resuming first restores prefuse's checkpoint state (reference, SamPO stream)."""
+        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            self._load_prefuse_state(os.fspath(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._save_prefuse_state(os.path.join(self._get_output_dir(trial=trial), folder))
+
+    def _prefuse_state_file(self, checkpoint: str) -> str:
+        name = self.PREFUSE_STATE_NAME
+        if self.args.world_size > 1:
+            name = name.replace(".pt", f"_{self.args.process_index}.pt")
+        return os.path.join(checkpoint, name)
+
+    def _save_prefuse_state(self, output_dir: str) -> None:
+        os.makedirs(output_dir, exist_ok=True)
+        state = {"method": self.method, "ref_source": self.ref_source}
+        if hasattr(self.loss_module, "generator_state"):
+            state["sampo_generator"] = self.loss_module.generator_state()
+        torch.save(state, self._prefuse_state_file(output_dir))
+        if self.ref_source == "copy" and self.ref_model is not None and self.args.should_save:
+            target = os.path.join(output_dir, self.REFERENCE_WEIGHTS_NAME)
+            written = getattr(self, "_reference_weights_file", None)
+            if written is not None and os.path.isfile(written) and written != target:
+                try:
+                    if os.path.exists(target):
+                        os.remove(target)
+                    os.link(written, target)  # the same weights every checkpoint: no second copy on disk
+                    return
+                except OSError:
+                    pass
+            from safetensors.torch import save_model
+
+            save_model(self.ref_model, target)  # handles tied (shared) tensors
+            self._reference_weights_file = target
+
+    def _load_prefuse_state(self, checkpoint: str) -> None:
+        path = self._prefuse_state_file(checkpoint)
+        if not os.path.isfile(path):
+            warnings.warn(f"{checkpoint} has no {os.path.basename(path)} (not written by PreferenceTrainer): the "
+                          "reference and SamPO's sampling stream are not restored", stacklevel=3)
+            return
+        state = torch.load(path, weights_only=True)
+        if state.get("method") != self.method:
+            raise ValueError(f"the checkpoint {checkpoint} was trained with method {state.get('method')!r}, this "
+                             f"trainer runs {self.method!r}")
+        if self.ref_source == "copy":
+            weights = os.path.join(checkpoint, self.REFERENCE_WEIGHTS_NAME)
+            if os.path.isfile(weights):
+                from safetensors.torch import load_model
+
+                load_model(self.ref_model, weights, device=str(self.args.device))
+                self._reference_weights_file = None
+            else:
+                warnings.warn(f"{checkpoint} has no {self.REFERENCE_WEIGHTS_NAME}: the reference is the copy of "
+                              "the model this trainer was built with", stacklevel=3)
+        elif state.get("ref_source") != self.ref_source:
+            warnings.warn(f"the checkpoint's reference was {state.get('ref_source')!r}, this trainer's is "
+                          f"{self.ref_source!r}: the resumed losses differ from an uninterrupted run", stacklevel=3)
+        if "sampo_generator" in state and hasattr(self.loss_module, "load_generator_state"):
+            self.loss_module.load_generator_state(state["sampo_generator"])

@@ -3,7 +3,9 @@
 Everything else stays TRL's (data preparation, collators, precomputed reference log-probs, reference-model
 sync, PEFT handling, logging); only ``_compute_loss`` changes: the policy (and the reference) run to their last
 hidden state through ``model_head.forward_hidden`` -- through the wrapped model's own ``forward``, so DDP and
-accelerate hooks run -- and ``prefuse.kernels.linear_logprobs`` scores the completion tokens, then the loss is
+accelerate hooks run -- and ``prefuse.kernels.linear_logprobs`` scores the completion tokens inside the lm-head
+module's own forward (``CausalLMHead.apply``: FSDP2 / DeepSpeed ZeRO-3 hooks gather a sharded head for the op
+and its backward and reduce-scatter its gradient, as for the model's own head), then the loss is
 prefuse's (``prefuse.alignment.functional.dpo_loss`` for each of TRL's ``loss_type`` entries, ``KTOLoss`` for
 KTO). Metrics go through TRL's ``self._metrics`` under TRL's names.
 
@@ -21,7 +23,7 @@ than the log-sum-exp, or has no such loss:
 - KTO ``loss_type="apo_zero_unpaired"``;
 - a MoE model whose router auxiliary loss is enabled (``output_router_logits``): the hidden-state forward
   does not return it;
-- DeepSpeed ZeRO-3 (a partitioned lm-head; ``model_head`` raises) and a PEFT adapter on the lm-head.
+- a PEFT adapter (LoRA) on the lm-head (``model_head`` raises: its delta would be skipped).
 
 Not logged (they need full logits): ``entropy``, ``logits/chosen``, ``logits/rejected``, ``mean_token_accuracy``.
 """
@@ -93,8 +95,8 @@ def _reference_context(trainer):
 def _token_logps(trainer, model, labels, model_kwargs, *, grad: bool) -> torch.Tensor:
     """Per-token log-probs ``(rows, T-1)`` of ``labels`` through the hidden-state forward and prefuse's op."""
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        head = forward_hidden(model, **model_kwargs)
-        return linear_logprobs(head.hidden, head.weight, labels, head.bias, shift=True, **trainer.prefuse_options)
+        head = forward_hidden(model, **model_kwargs)  # the op runs in the head's forward: gathered if sharded
+        return head.apply(linear_logprobs, labels, shift=True, **trainer.prefuse_options)
 
 
 def _reference_logps(trainer, labels, model_kwargs) -> torch.Tensor:
@@ -227,18 +229,14 @@ class PrefuseKTOTrainer(KTOTrainer):
         policy = forward_hidden(model, **model_kwargs)
         with torch.no_grad():
             kl_policy = forward_hidden(model, **kl_kwargs)
-        reference = {}
         if self.precompute_ref_logps:
             reference = {"ref_logps": batch["ref_logps"], "ref_kl_logps": batch["ref_KL_logps"]}
         else:
-            with torch.no_grad(), _reference_context(self):
-                source = self.model if self.ref_model is None else self.ref_model
-                ref = forward_hidden(source, **model_kwargs)
-                ref_kl = forward_hidden(source, **kl_kwargs)
-            reference = {"ref_hidden": ref.hidden, "ref_weight": ref.weight, "ref_bias": ref.bias,
-                         "ref_kl_hidden": ref_kl.hidden}
-        out = self.prefuse_loss(policy.hidden, policy.weight, labels, desirable, kl_hidden=kl_policy.hidden,
-                                kl_labels=kl_labels, bias=policy.bias, **reference)
+            reference = {"ref_logps": _reference_logps(self, labels, model_kwargs),
+                         "ref_kl_logps": _reference_logps(self, kl_labels, kl_kwargs)}
+        # the loss runs in the policy head's forward (gathered if sharded); the KL rows share that head
+        out = policy.apply(self.prefuse_loss, labels, desirable, kl_hidden=kl_policy.hidden, kl_labels=kl_labels,
+                           **reference)
         self._log_kto_metrics(mode, out.metrics, batch["attention_mask"])
         if return_outputs:
             return out.loss, _recompute_outputs(model, model_kwargs)

@@ -2,7 +2,12 @@
 with ``datasets`` and the collators of every method (nothing is downloaded)."""
 
 from prefuse.alignment.data.bundled import DATA_FILE, load_preference_data, read_records
-from prefuse.alignment.data.collators import PairedCollator, UnpairedCollator, collator_for
+from prefuse.alignment.data.collators import (
+    PairedCollator,
+    UnpairedCollator,
+    check_tokenized_data,
+    collator_for,
+)
 from prefuse.alignment.data.processing import encode_example, tokenize_preference_data
 from prefuse.alignment.data.tokenizer import CHAT_TEMPLATE, build_tokenizer
 
@@ -12,6 +17,7 @@ __all__ = [
     "PairedCollator",
     "UnpairedCollator",
     "build_tokenizer",
+    "check_tokenized_data",
     "collator_for",
     "encode_example",
     "load_preference_data",

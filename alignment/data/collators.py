@@ -16,17 +16,131 @@ All pad on the right, put ``-100`` in ``labels`` on the prompt and the padding (
 Precomputed reference log-probs are stored per completion token (``ref_chosen_logps`` / ``ref_rejected_logps``
 / ``ref_logps`` / ``ref_kl_logps``, one float per completion token); the collators place them where
 ``linear_logprobs(..., shift=True)`` puts a token's log-prob (position ``t - 1`` for the token at ``t``).
+
+Malformed features (a missing key, token ids that are not lists of non-negative ints, an empty completion, a
+``label`` that is not a bool, win rates outside [0, 1] or NaN, non-finite scores, a per-token value list whose
+length is not the completion's, sentence ids that do not match the sentence labels, a scalar column present in
+some features and not others) raise ``ValueError`` naming the feature's position in the batch and the field;
+``check_tokenized_data`` runs the same checks over a tokenised data set and names the row's index in it.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from prefuse.alignment.data.processing import PARTIAL_SENTENCES, truncate_with_sentences
+from prefuse.alignment.data.processing import (
+    PARTIAL_SENTENCES,
+    SCORE_COLUMNS,
+    WIN_RATE_COLUMNS,
+    check_bool,
+    check_number,
+    is_bool,
+    row_error,
+    truncate_with_sentences,
+)
 
 IGNORE_INDEX = -100
 _PAIR_SCALARS = ("p_chosen", "p_rejected", "s_chosen", "s_rejected")
+
+
+# ---------------------------------------------------------------------------------------------- feature checks
+def _check_ids(feature: dict, field: str, where, *, non_empty: bool = False, low: int = 0) -> list:
+    if field not in feature or feature[field] is None:
+        raise row_error(where, field, "missing")
+    ids = feature[field]
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise row_error(where, field, f"expected a list of token ids, got {type(ids).__name__}")
+    for t in ids:
+        if is_bool(t) or not isinstance(t, numbers.Integral) or t < low:
+            raise row_error(where, field, f"expected ints >= {low}, got {t!r}")
+    if non_empty and len(ids) == 0:
+        raise row_error(where, field, "empty (no completion token to score)")
+    return list(ids)
+
+
+def _check_values(feature: dict, field: str, where, length: int, *, at_most: bool = False) -> None:
+    """A per-completion-token float list (precomputed reference log-probs) of ``length`` finite entries."""
+    values = feature[field]
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if values is None or isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise row_error(where, field, f"expected a list of floats, got {type(values).__name__}")
+    if len(values) != length and not (at_most and len(values) >= length):
+        raise row_error(where, field, f"{len(values)} values for {length} completion tokens")
+    for v in values:
+        if is_bool(v) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+            raise row_error(where, field, f"expected finite floats, got {v!r}")
+
+
+def check_feature(feature, where, *, paired: bool, sentences: bool = False) -> None:
+    """One tokenised example (``where`` names it: ``"row 3"``, ``"example 1 of the batch"``); see the module
+    docstring for what is checked."""
+    if not isinstance(feature, dict):
+        raise ValueError(f"{where}: expected a dict of columns, got {type(feature).__name__}")
+    _check_ids(feature, "prompt_input_ids", where)
+    sides = ("chosen", "rejected") if paired else ("completion",)
+    lengths = {side: len(_check_ids(feature, f"{side}_input_ids", where, non_empty=True)) for side in sides}
+    if paired:
+        for field in _PAIR_SCALARS:
+            if field in feature and feature[field] is not None:
+                check_number(feature[field], field, where, unit_interval=field in WIN_RATE_COLUMNS)
+        for side in sides:
+            if f"ref_{side}_logps" in feature:
+                _check_values(feature, f"ref_{side}_logps", where, lengths[side])
+        return
+    check_bool(feature.get("label"), "label", where)
+    if "ref_logps" in feature:
+        _check_values(feature, "ref_logps", where, lengths["completion"])
+    if "ref_kl_logps" in feature:  # the KL row may be truncated further: at least as many as it keeps
+        _check_values(feature, "ref_kl_logps", where, lengths["completion"], at_most=True)
+    if feature.get("kl_prompt_input_ids") is not None:
+        _check_ids(feature, "kl_prompt_input_ids", where)
+    if sentences:
+        ids = _check_ids(feature, "completion_sentence_ids", where, low=-1)
+        labels = feature.get("sentence_labels")
+        if labels is None or isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
+            raise row_error(where, "sentence_labels", f"expected a list of bools, got {labels!r}")
+        for j, label in enumerate(labels):
+            if not is_bool(label):
+                raise row_error(where, "sentence_labels", f"label {j} is not a bool: {label!r}")
+        if len(ids) != lengths["completion"]:
+            raise row_error(where, "completion_sentence_ids",
+                            f"{len(ids)} sentence ids for {lengths['completion']} completion tokens")
+        if ids and max(ids) >= len(labels):
+            raise row_error(where, "completion_sentence_ids",
+                            f"sentence id {max(ids)} but only {len(labels)} sentence labels")
+
+
+def _check_batch(features, *, paired: bool, sentences: bool = False) -> None:
+    if not isinstance(features, Sequence) or not features:
+        raise ValueError("empty batch")
+    for i, f in enumerate(features):
+        check_feature(f, f"example {i} of the batch", paired=paired, sentences=sentences)
+    keys = ("label",) if not paired else _PAIR_SCALARS
+    for key in (*keys, "ref_chosen_logps", "ref_rejected_logps", "ref_logps", "ref_kl_logps"):
+        have = [key in f and f[key] is not None for f in features]
+        if any(have) and not all(have):
+            raise row_error(f"example {have.index(False)} of the batch", key,
+                            "missing while other examples of the batch have it")
+
+
+def check_tokenized_data(dataset, method: str) -> None:
+    """Run the collators' checks over every row of a tokenised data set (``ValueError`` naming the row)."""
+    paired = method in ("dpo", "sampo", "sppo", "gpo")
+    sentences = method == "factalign"
+    required = {"sppo": WIN_RATE_COLUMNS, "gpo": SCORE_COLUMNS}.get(method, ())
+    for index in range(len(dataset)):
+        feature = dataset[index]
+        check_feature(feature, f"row {index}", paired=paired, sentences=sentences)
+        for field in required:
+            if feature.get(field) is None:
+                raise row_error(index, field, "missing (None)")
 
 
 def next_different(prompts, i: int) -> int:
@@ -82,8 +196,7 @@ class PairedCollator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        if not features:
-            raise ValueError("empty batch")
+        _check_batch(features, paired=True)
         prompts = [f["prompt_input_ids"] for f in features]
         chosen = [f["chosen_input_ids"] for f in features]
         rejected = [f["rejected_input_ids"] for f in features]
@@ -141,6 +254,7 @@ class UnpairedCollator:
                 "sentence ids requested but the examples have no completion_sentence_ids/sentence_labels: tokenise "
                 "data with 'sentences' and 'sentence_labels' columns (tokenize_preference_data)"
             )
+        _check_batch(features, paired=False, sentences=sentences)
         prompts = [f["prompt_input_ids"] for f in features]
         completions = [f["completion_input_ids"] for f in features]
         values = None

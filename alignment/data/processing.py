@@ -27,13 +27,119 @@ loses tokens to truncation is **dropped** by default (``partial_sentences="drop"
 ``-1`` and its label is removed), because its label judges the whole sentence; ``"keep"`` keeps it, scored on
 its surviving tokens. A sentence with no surviving token is always dropped. Either way no token ever carries
 the id of a sentence it is not part of, and the ids are renumbered ``0..n-1`` in order.
+
+Bad rows: every row is checked before it is tokenised, and a malformed one raises ``ValueError`` naming its
+index in the data set and the field (``row 3, field 'label': ...``): a missing (None) field, a prompt or
+completion that is not a non-empty string or list of chat messages, a ``label`` that is not a bool, win rates
+(``p_chosen``/``p_rejected``) that are not finite numbers in [0, 1], scores (``s_chosen``/``s_rejected``) that
+are not finite, sentences that are not strings found in the completion, or a ``sentence_labels`` list that is
+not one bool per sentence.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 PARTIAL_SENTENCES = ("drop", "keep")
+WIN_RATE_COLUMNS = ("p_chosen", "p_rejected")
+SCORE_COLUMNS = ("s_chosen", "s_rejected")
+
+
+# ---------------------------------------------------------------------------------------------- row checks
+def row_error(index: int | str | None, field: str, message: str) -> ValueError:
+    """``ValueError("row {index}, field {field!r}: message")`` (``index`` None: one example, no row)."""
+    if index is None:
+        where = "example"
+    elif isinstance(index, str):
+        where = index
+    else:
+        where = f"row {index}"
+    return ValueError(f"{where}, field {field!r}: {message}")
+
+
+def check_text(value, field: str, index=None) -> None:
+    """A prompt / completion: a non-blank string or a non-empty list of chat messages (dicts with a string
+    ``content``; the last one non-blank)."""
+    if value is None:
+        raise row_error(index, field, "missing (None)")
+    if isinstance(value, str):
+        if not value.strip():
+            raise row_error(index, field, "empty string")
+        return
+    if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
+        if len(value) == 0:
+            raise row_error(index, field, "empty list of chat messages")
+        for j, message in enumerate(value):
+            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+                raise row_error(index, field, f"chat message {j} is not a dict with a string 'content': {message!r}")
+            if "role" in message and not isinstance(message["role"], str):
+                raise row_error(index, field, f"chat message {j} has a non-string role {message['role']!r}")
+        if not value[-1]["content"].strip():
+            raise row_error(index, field, "the last chat message's content is empty")
+        return
+    raise row_error(index, field, f"expected a non-empty string or a list of chat messages, got "
+                                  f"{type(value).__name__} {value!r}")
+
+
+def is_bool(value) -> bool:
+    """A Python or NumPy bool (not an int)."""
+    return isinstance(value, bool) or type(value).__name__ == "bool_"
+
+
+def check_bool(value, field: str, index=None) -> None:
+    if value is None:
+        raise row_error(index, field, "missing (None)")
+    if not is_bool(value):
+        raise row_error(index, field, f"expected a bool, got {type(value).__name__} {value!r}")
+
+
+def check_number(value, field: str, index=None, *, unit_interval: bool = False) -> None:
+    """A finite real number (not a bool), in [0, 1] with ``unit_interval``."""
+    if value is None:
+        raise row_error(index, field, "missing (None)")
+    if is_bool(value) or not isinstance(value, numbers.Real):
+        raise row_error(index, field, f"expected a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(float(value)):
+        raise row_error(index, field, f"must be finite, got {value!r}")
+    if unit_interval and not 0.0 <= float(value) <= 1.0:
+        raise row_error(index, field, f"a win rate must lie in [0, 1], got {value!r}")
+
+
+def check_sentences(sentences, sentence_labels, index=None) -> None:
+    """FactAlign's ``sentences`` (strings) and ``sentence_labels`` (one bool per sentence)."""
+    for field, value in (("sentences", sentences), ("sentence_labels", sentence_labels)):
+        if value is None:
+            raise row_error(index, field, "missing (None)")
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise row_error(index, field, f"expected a list, got {type(value).__name__} {value!r}")
+    for j, sentence in enumerate(sentences):
+        if not isinstance(sentence, str) or not sentence:
+            raise row_error(index, "sentences", f"sentence {j} is not a non-empty string: {sentence!r}")
+    if len(sentence_labels) != len(sentences):
+        raise row_error(index, "sentence_labels", f"{len(sentence_labels)} labels for {len(sentences)} sentences "
+                                                  "(one label per sentence)")
+    for j, label in enumerate(sentence_labels):
+        if not is_bool(label):
+            raise row_error(index, "sentence_labels", f"label {j} is not a bool: {label!r}")
+
+
+def check_row(example: dict, index, *, paired: bool, sentences: bool = False) -> None:
+    """The text row ``example`` (at ``index``) before tokenisation (module docstring, "Bad rows")."""
+    sides = ("chosen", "rejected") if paired else ("completion",)
+    for field in ("prompt", *sides):
+        check_text(example.get(field), field, index)
+    if not paired:
+        check_bool(example.get("label"), "label", index)
+    if sentences:
+        check_sentences(example.get("sentences"), example.get("sentence_labels"), index)
+    for field in WIN_RATE_COLUMNS:
+        if field in example:
+            check_number(example[field], field, index, unit_interval=True)
+    for field in SCORE_COLUMNS:
+        if field in example:
+            check_number(example[field], field, index)
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -156,8 +262,17 @@ def _encode_prompt(tokenizer, prompt_text: str, chat: bool) -> list[int]:
 
 def encode_example(tokenizer, prompt, completion, *, sentences=None, sentence_labels=None,
                    use_chat_template: bool | None = None, max_length: int | None = None,
-                   max_prompt_length: int | None = None, partial_sentences: str = "drop") -> dict:
-    """One prompt/completion pair -> ``prompt_input_ids``, ``completion_input_ids`` (and sentence ids)."""
+                   max_prompt_length: int | None = None, partial_sentences: str = "drop", index=None,
+                   completion_field: str = "completion") -> dict:
+    """One prompt/completion pair -> ``prompt_input_ids``, ``completion_input_ids`` (and sentence ids).
+
+    A malformed input raises ``ValueError`` naming the field (and ``index``, the row's index in its data set,
+    when given; ``completion_field`` names the completion, e.g. ``"chosen"``).
+    """
+    check_text(prompt, "prompt", index)
+    check_text(completion, completion_field, index)
+    if sentences is not None or sentence_labels is not None:
+        check_sentences(sentences, sentence_labels, index)
     if use_chat_template is None:
         use_chat_template = getattr(tokenizer, "chat_template", None) is not None
     prompt_text, completion_text, offset = render(tokenizer, prompt, completion,
@@ -169,11 +284,13 @@ def encode_example(tokenizer, prompt, completion, *, sentences=None, sentence_la
         prompt_ids, completion_ids = truncate(prompt_ids, completion_ids, max_length=max_length,
                                               max_prompt_length=max_prompt_length)
         return {"prompt_input_ids": prompt_ids, "completion_input_ids": completion_ids}
-    if sentence_labels is None or len(sentence_labels) != len(sentences):
-        raise ValueError("sentence_labels must give one label per sentence")
     if offset < 0:
-        raise ValueError("the completion's content is not found in its rendered text; sentences cannot be located")
-    spans = sentence_spans(_content(completion), sentences, offset)
+        raise row_error(index, completion_field, "the completion's content is not found in its rendered text; "
+                                                 "sentences cannot be located")
+    try:
+        spans = sentence_spans(_content(completion), sentences, offset)
+    except ValueError as err:
+        raise row_error(index, "sentences", str(err)) from None
     ids = token_sentence_ids(completion_text, enc["offset_mapping"], spans)
     prompt_ids, completion_ids, ids, labels = truncate_with_sentences(
         prompt_ids, completion_ids, ids, list(sentence_labels), max_length=max_length,
@@ -182,23 +299,26 @@ def encode_example(tokenizer, prompt, completion, *, sentences=None, sentence_la
             "completion_sentence_ids": ids, "sentence_labels": labels}
 
 
-def _paired_map(example, tokenizer, use_chat_template, max_length, max_prompt_length):
+def _paired_map(example, index, tokenizer, use_chat_template, max_length, max_prompt_length):
+    check_row(example, index, paired=True)
     out = {}
     for side in ("chosen", "rejected"):
         enc = encode_example(tokenizer, example["prompt"], example[side], use_chat_template=use_chat_template,
-                             max_length=max_length, max_prompt_length=max_prompt_length)
+                             max_length=max_length, max_prompt_length=max_prompt_length, index=index,
+                             completion_field=side)
         out["prompt_input_ids"] = enc["prompt_input_ids"]  # identical for both sides
         out[f"{side}_input_ids"] = enc["completion_input_ids"]
     return out
 
 
-def _unpaired_map(example, tokenizer, use_chat_template, max_length, max_prompt_length, sentences, partial):
+def _unpaired_map(example, index, tokenizer, use_chat_template, max_length, max_prompt_length, sentences, partial):
+    check_row(example, index, paired=False, sentences=sentences)
     enc = encode_example(
         tokenizer, example["prompt"], example["completion"],
         sentences=example["sentences"] if sentences else None,
         sentence_labels=example["sentence_labels"] if sentences else None,
         use_chat_template=use_chat_template, max_length=max_length, max_prompt_length=max_prompt_length,
-        partial_sentences=partial,
+        partial_sentences=partial, index=index,
     )  # fmt: skip
     enc["label"] = bool(example["label"])
     return enc
@@ -226,7 +346,8 @@ def tokenize_preference_data(dataset, tokenizer, *, max_length: int | None = Non
 
     Paired when it has ``chosen``/``rejected`` columns, unpaired with ``completion``/``label``. ``sentences``
     (default: when the data has a ``sentences`` column) computes FactAlign's sentence ids. Text columns are
-    removed; other columns (win rates, scores) are kept.
+    removed; other columns (win rates, scores) are kept. A malformed row raises ``ValueError`` naming its index
+    and field (module docstring).
     """
     columns = set(dataset.column_names)
     if partial_sentences not in PARTIAL_SENTENCES:
@@ -248,5 +369,5 @@ def tokenize_preference_data(dataset, tokenizer, *, max_length: int | None = Non
         )
     fn_kwargs = {"tokenizer": tokenizer, "use_chat_template": use_chat_template, "max_length": max_length,
                  "max_prompt_length": max_prompt_length, **kwargs}
-    return dataset.map(fn, fn_kwargs=fn_kwargs, remove_columns=[c for c in remove if c in columns],
+    return dataset.map(fn, fn_kwargs=fn_kwargs, with_indices=True, remove_columns=[c for c in remove if c in columns],
                        num_proc=num_proc, desc="tokenizing preference data")

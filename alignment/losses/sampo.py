@@ -85,6 +85,32 @@ class SamPOLoss(PairedLoss):
             self._generator_seed = seed
         return self._generator
 
+    def generator_state(self) -> dict | None:
+        """The sampling stream's position, for a checkpoint (``load_generator_state`` restores it): None when
+        nothing is drawn from a private stream yet (or ``seed=None``, the global RNG a trainer saves itself)."""
+        gen = self.seed if isinstance(self.seed, torch.Generator) else self._generator
+        if gen is None:
+            return None
+        return {"state": gen.get_state(), "device": str(gen.device), "seed": self._generator_seed}
+
+    def load_generator_state(self, state: dict | None) -> None:
+        """Continue the draws exactly where ``generator_state()`` left them (None: nothing to restore)."""
+        if state is None:
+            return
+        if isinstance(self.seed, torch.Generator):
+            self.seed.set_state(state["state"])
+            return
+        if self.seed is None:
+            raise ValueError("this SamPOLoss draws from the global RNG (seed=None): it has no generator state")
+        if state["seed"] != rank_seed(int(self.seed), self.rank()):
+            raise ValueError(
+                f"the saved sampling stream was seeded with {state['seed']}, this loss (seed={self.seed}, rank "
+                f"{self.rank()}) seeds {rank_seed(int(self.seed), self.rank())}: resume with the same sampo_seed"
+            )
+        self._generator = torch.Generator(device=state["device"])
+        self._generator.set_state(state["state"])
+        self._generator_seed = state["seed"]
+
     def forward(
         self,
         hidden: Tensor,
