@@ -69,10 +69,10 @@ def _losses(trainer):
     return {e["step"]: (e["loss"], e.get("rewards/margins")) for e in trainer.state.log_history if "loss" in e}
 
 
-@pytest.mark.parametrize("method", ["dpo", "sampo", "kto"])
+@pytest.mark.parametrize("method", ["dpo", "sampo", "kto", "factalign", "sppo", "gpo"])
 def test_resume_reproduces_the_loss_curve(tmp_path, tokenizer, method):
-    view = "unpaired" if method == "kto" else "paired"
-    data = load_preference_data(view, limit=8 if method == "kto" else 8)
+    view = "unpaired" if method in ("kto", "factalign") else "paired"
+    data = load_preference_data(view, limit=8)
     full = _trainer(tmp_path / "full", method, _model(tokenizer, 0), tokenizer, data)
     initial_ref = {k: v.clone() for k, v in full.ref_model.state_dict().items()}
     full.train()
