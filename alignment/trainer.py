@@ -264,6 +264,7 @@ class PreferenceTrainer(Trainer):
             )
         self.head_options = options
         self.loss_module = loss if loss is not None else build_loss(args, **options)
+        self.vocab_size = model.get_input_embeddings().num_embeddings  # token ids of tokenised data must fit
 
         if train_dataset is not None:
             train_dataset = self._prepare_dataset(train_dataset, processing_class, args)
@@ -330,7 +331,8 @@ class PreferenceTrainer(Trainer):
         if tokenized:
             from prefuse.alignment.data import check_tokenized_data
 
-            check_tokenized_data(dataset, self.method)  # a bad row: ValueError naming its index and field
+            # a bad row (a token id past the embedding included): ValueError naming its index and field
+            check_tokenized_data(dataset, self.method, vocab_size=self.vocab_size)
             return dataset
         if processing_class is None:
             raise ValueError("text data needs processing_class (the tokenizer) to be tokenised")

@@ -271,3 +271,15 @@ def test_trainer_rejects_a_bad_tokenized_row_by_index(tmp_path, tokenizer):
     good[0]["p_chosen"] = 1.5
     with pytest.raises(ValueError, match=r"row 0, field 'p_chosen': .*\[0, 1\]"):
         _trainer(tmp_path, "sppo", _model(tokenizer, 0), tokenizer, datasets.Dataset.from_list(good))
+
+
+def test_trainer_rejects_a_token_id_past_the_embedding(tmp_path, tokenizer):
+    """A pre-tokenised row with an id the model cannot embed fails at set-up with its index, not in the embedding."""
+    rows = _tokenized(tokenizer, "paired")
+    model = _model(tokenizer, 0)
+    vocab = model.get_input_embeddings().num_embeddings
+    rows[2]["rejected_input_ids"] = [*rows[2]["rejected_input_ids"][:-1], vocab]
+    data = datasets.Dataset.from_list(rows)
+    check_tokenized_data(data, "dpo")  # without the vocabulary size the row looks fine
+    with pytest.raises(ValueError, match=rf"row 2, field 'rejected_input_ids': token id {vocab} is outside"):
+        _trainer(tmp_path, "dpo", model, tokenizer, data)

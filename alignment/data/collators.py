@@ -48,7 +48,8 @@ _PAIR_SCALARS = ("p_chosen", "p_rejected", "s_chosen", "s_rejected")
 
 
 # ---------------------------------------------------------------------------------------------- feature checks
-def _check_ids(feature: dict, field: str, where, *, non_empty: bool = False, low: int = 0) -> list:
+def _check_ids(feature: dict, field: str, where, *, non_empty: bool = False, low: int = 0,
+               vocab_size: int | None = None) -> list:
     if field not in feature or feature[field] is None:
         raise row_error(where, field, "missing")
     ids = feature[field]
@@ -59,6 +60,8 @@ def _check_ids(feature: dict, field: str, where, *, non_empty: bool = False, low
     for t in ids:
         if is_bool(t) or not isinstance(t, numbers.Integral) or t < low:
             raise row_error(where, field, f"expected ints >= {low}, got {t!r}")
+        if vocab_size is not None and t >= vocab_size:
+            raise row_error(where, field, f"token id {t} is outside the model's vocabulary of {vocab_size}")
     if non_empty and len(ids) == 0:
         raise row_error(where, field, "empty (no completion token to score)")
     return list(ids)
@@ -78,14 +81,17 @@ def _check_values(feature: dict, field: str, where, length: int, *, at_most: boo
             raise row_error(where, field, f"expected finite floats, got {v!r}")
 
 
-def check_feature(feature, where, *, paired: bool, sentences: bool = False) -> None:
+def check_feature(feature, where, *, paired: bool, sentences: bool = False, vocab_size: int | None = None) -> None:
     """One tokenised example (``where`` names it: ``"row 3"``, ``"example 1 of the batch"``); see the module
-    docstring for what is checked."""
+    docstring for what is checked. With ``vocab_size``, token ids must also lie below it."""
     if not isinstance(feature, dict):
         raise ValueError(f"{where}: expected a dict of columns, got {type(feature).__name__}")
-    _check_ids(feature, "prompt_input_ids", where)
+    _check_ids(feature, "prompt_input_ids", where, vocab_size=vocab_size)
     sides = ("chosen", "rejected") if paired else ("completion",)
-    lengths = {side: len(_check_ids(feature, f"{side}_input_ids", where, non_empty=True)) for side in sides}
+    lengths = {
+        side: len(_check_ids(feature, f"{side}_input_ids", where, non_empty=True, vocab_size=vocab_size))
+        for side in sides
+    }
     if paired:
         for field in _PAIR_SCALARS:
             if field in feature and feature[field] is not None:
@@ -130,14 +136,15 @@ def _check_batch(features, *, paired: bool, sentences: bool = False) -> None:
                             "missing while other examples of the batch have it")
 
 
-def check_tokenized_data(dataset, method: str) -> None:
-    """Run the collators' checks over every row of a tokenised data set (``ValueError`` naming the row)."""
+def check_tokenized_data(dataset, method: str, *, vocab_size: int | None = None) -> None:
+    """Run the collators' checks over every row of a tokenised data set (``ValueError`` naming the row); with
+    ``vocab_size``, a token id the model's embedding cannot look up is one of them."""
     paired = method in ("dpo", "sampo", "sppo", "gpo")
     sentences = method == "factalign"
     required = {"sppo": WIN_RATE_COLUMNS, "gpo": SCORE_COLUMNS}.get(method, ())
     for index in range(len(dataset)):
         feature = dataset[index]
-        check_feature(feature, f"row {index}", paired=paired, sentences=sentences)
+        check_feature(feature, f"row {index}", paired=paired, sentences=sentences, vocab_size=vocab_size)
         for field in required:
             if feature.get(field) is None:
                 raise row_error(index, field, "missing (None)")
