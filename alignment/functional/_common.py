@@ -7,19 +7,8 @@ import numbers
 
 import torch
 import torch.distributed as dist
+from prefuse.kernels.linear_logprobs.validate import host_reads_allowed
 from torch import Tensor
-
-
-def eager_checks(device: torch.device) -> bool:
-    """Whether data-dependent checks (which read tensor values, a host sync on CUDA) may run.
-
-    They are skipped while ``torch.compile`` traces or a CUDA graph is captured, as ``linear_logprobs`` does
-    for its target range; the losses then stay finite and never index out of bounds, but bad values are not
-    reported.
-    """
-    if torch.compiler.is_compiling():
-        return False
-    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def check_real(
@@ -81,7 +70,7 @@ def check_same_shape(name: str, value: Tensor, other_name: str, other: Tensor) -
 
 def check_unit_interval(name: str, value: Tensor) -> None:
     """``ValueError`` if a probability lies outside ``[0, 1]`` (or is NaN); one host read, eager mode only."""
-    if eager_checks(value.device):
+    if host_reads_allowed(value.device):
         bad = ~((value >= 0) & (value <= 1))
         if bool(bad.any()):
             raise ValueError(f"{name} must hold probabilities in [0, 1], got {float(value[bad][0])}")

@@ -20,7 +20,6 @@ from prefuse.alignment.functional._common import (
     check_real,
     check_vector,
     count_distinct,
-    eager_checks,
     float_tensor,
     global_mean_clamped,
     mean_or_zero,
@@ -28,6 +27,7 @@ from prefuse.alignment.functional._common import (
 )
 from prefuse.alignment.functional.kto import kto_loss, kto_terms
 from prefuse.alignment.output import LossOutput
+from prefuse.kernels.linear_logprobs.validate import host_reads_allowed
 from torch import Tensor
 
 
@@ -43,7 +43,7 @@ def check_sentence_ids(
         raise ValueError(f"{name} must be an integer tensor, got {ids.dtype}")
     if ids.shape != shape:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(ids.shape)}")
-    if ids.numel() and eager_checks(ids.device):
+    if ids.numel() and host_reads_allowed(ids.device):
         low, high = torch.stack(torch.aminmax(ids)).tolist()  # one read (a host sync on CUDA; eager only)
         if low < -1:
             raise ValueError(f"{name} holds {low}; ids are >= 0 inside a sentence and -1 outside")

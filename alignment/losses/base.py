@@ -9,15 +9,12 @@ tokens (labels ``!= ignore_index`` after the shift).
 
 from __future__ import annotations
 
-import numbers
-
 import torch
-from prefuse.alignment.functional._common import check_real
 from prefuse.alignment.output import LossOutput
 from prefuse.kernels import linear_logprobs
+from prefuse.kernels.linear_logprobs.validate import validate_options
 from torch import Tensor, nn
 
-_BACKENDS = ("auto", "triton", "torch")
 POLICY_HEAD = "policy head (hidden, weight, bias; labels are its targets)"
 
 
@@ -46,13 +43,7 @@ class FusedLinearLoss(nn.Module):
         deterministic: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-            raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-        check_real("temperature", temperature, low=0.0, low_open=True)
-        if softcap is not None:
-            check_real("softcap", softcap, low=0.0, low_open=True)
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        validate_options(ignore_index, temperature, softcap, backend)
         self.ignore_index = int(ignore_index)
         self.temperature = float(temperature)
         self.softcap = None if softcap is None else float(softcap)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 from prefuse.kernels.linear_logprobs import torch_twin
-from prefuse.kernels.linear_logprobs.validate import validate_arguments, validate_targets
+from prefuse.kernels.linear_logprobs.validate import host_reads_allowed, validate_arguments, validate_targets
 from torch import Tensor
 
 
@@ -160,7 +160,7 @@ def _plan(targets: Tensor, ignore_index: int, shift: bool, vocab: int):
         flat = targets.reshape(-1).long()
         rows_all = torch.arange(flat.numel(), device=targets.device)
     valid = flat != ignore_index
-    if not (torch.compiler.is_compiling() or _capturing(targets.device)):
+    if host_reads_allowed(targets.device):
         validate_targets(flat, valid, vocab)
     out_of_range = valid & ((flat < 0) | (flat >= vocab))
     order = torch.argsort((~valid).to(torch.int8), stable=True)
@@ -200,10 +200,6 @@ def _unsort(
     logp = torch.zeros_like(logp_sorted).scatter(0, order, logp_sorted)
     logp = torch.where(out_of_range, torch.nan, logp)
     return logp.reshape(out_shape)
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def linear_logprobs(

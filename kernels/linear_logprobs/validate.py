@@ -66,15 +66,28 @@ def validate_arguments(
     for name, device in devices.items():
         if device != hidden.device:
             raise ValueError(f"{name} is on {device} but hidden is on {hidden.device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     if not isinstance(shift, bool):
         raise ValueError(f"shift must be a bool, got {shift!r}")
+    validate_options(ignore_index, temperature, softcap, backend)
+
+
+def validate_options(ignore_index: int, temperature: float, softcap: float | None, backend: str) -> None:
+    """The op's scalar options (also checked by the loss modules when they are built)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     _check_positive_finite("temperature", temperature)
     if softcap is not None:
         _check_positive_finite("softcap", softcap)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def host_reads_allowed(device: torch.device) -> bool:
+    """Whether a check may read tensor values (a host sync on CUDA): not while ``torch.compile`` traces or a
+    CUDA graph is being captured. The op's target-range check and the losses' value checks all ask this."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def validate_targets(targets: Tensor, valid: Tensor, vocab: int) -> None:

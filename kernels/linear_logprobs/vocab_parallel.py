@@ -39,7 +39,7 @@ import numbers
 import torch
 import torch.distributed as dist
 from prefuse.kernels.linear_logprobs import op
-from prefuse.kernels.linear_logprobs.validate import validate_arguments
+from prefuse.kernels.linear_logprobs.validate import host_reads_allowed, validate_arguments
 from torch import Tensor
 
 
@@ -197,7 +197,7 @@ def vocab_parallel_linear_logprobs(
             f"[{vocab_start}, {vocab_end}) of vocab_size={vocab_size}"
         )
     backend = op._resolve_backend(backend, hidden.device)
-    if world > 1 and not (torch.compiler.is_compiling() or op._capturing(hidden.device)):
+    if world > 1 and host_reads_allowed(hidden.device):
         _check_layout(
             vocab_start, vocab_end, vocab_size, targets.numel(), hidden.device, process_group, world
         )
