@@ -152,15 +152,20 @@ def test_sampo_matches_naive_float64():
 
 
 class _Spy(SamPOLoss):
-    """Records the targets handed to ``linear_logprobs`` (policy with grad, reference without)."""
+    """Records the targets handed to ``linear_logprobs`` on the op path, policy (with grad) first, then the
+    reference (without)."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.calls = []
+        super().__init__(*args, path="op", **kwargs)
+        self._calls = []
 
     def _logps(self, hidden, weight, targets, bias, shift):
-        self.calls.append((torch.is_grad_enabled(), targets.clone()))
+        self._calls.append((torch.is_grad_enabled(), targets.clone()))
         return super()._logps(hidden, weight, targets, bias, shift)
+
+    @property
+    def calls(self):
+        return sorted(self._calls, key=lambda call: not call[0])
 
 
 def test_sampo_policy_and_reference_share_positions_and_skip_unsampled():

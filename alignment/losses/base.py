@@ -10,6 +10,7 @@ tokens (labels ``!= ignore_index`` after the shift).
 from __future__ import annotations
 
 import torch
+from prefuse.alignment.losses.fused import PATHS, fused_policy_loss, pair_groups
 from prefuse.alignment.output import LossOutput
 from prefuse.kernels import linear_logprobs
 from prefuse.kernels.linear_logprobs.validate import validate_options
@@ -27,6 +28,9 @@ class FusedLinearLoss(nn.Module):
     - ``temperature`` (1.0), ``softcap`` (None): passed to ``linear_logprobs`` for the policy and the reference
       (Gemma-2's ``final_logit_softcapping``; ``temperature = 1 / logit_scale`` for heads that scale logits).
     - ``backend`` ("auto"), ``deterministic`` (False): ``linear_logprobs`` backend options.
+    - ``path`` ("auto"): ``"auto"`` | ``"fused"`` | ``"op"``, how the policy's head is differentiated: the
+      loss-fused path (logits, loss gradient and head gradients in one pass, 3 GEMMs per policy token) or
+      ``linear_logprobs`` (4 GEMMs); ``prefuse.alignment.losses.fused`` states the rules and the fallbacks.
 
     Bad arguments raise ``ValueError`` naming them. A NaN or infinite hidden state on a scored position makes
     that row's log-prob NaN (``linear_logprobs``' documented choice), hence the loss NaN: no exception and no
@@ -41,9 +45,17 @@ class FusedLinearLoss(nn.Module):
         softcap: float | None = None,
         backend: str = "auto",
         deterministic: bool = False,
+        path: str = "auto",
     ) -> None:
         super().__init__()
         validate_options(ignore_index, temperature, softcap, backend)
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        if path == "fused" and backend == "triton":
+            raise ValueError(
+                "path='fused' runs its passes in PyTorch; backend='triton' needs path='op' or 'auto'"
+            )
+        self.path = path
         self.ignore_index = int(ignore_index)
         self.temperature = float(temperature)
         self.softcap = None if softcap is None else float(softcap)
@@ -121,6 +133,45 @@ class FusedLinearLoss(nn.Module):
         except ValueError as err:
             raise ValueError(f"{names}: {err}") from err
 
+    # ------------------------------------------------------------------ the policy's loss
+    def fused_unsupported(self) -> str | None:
+        """Why this loss cannot take the loss-fused path (None: it can). A loss whose terms couple the groups
+        through a statistic of the policy overrides this."""
+        return None
+
+    def uses_fused_path(self, hidden, weight, bias=None) -> bool:
+        """Whether a call on these tensors takes the loss-fused path (``path``, in the current grad mode).
+
+        Raises ``ValueError`` for ``path="fused"`` on a loss that does not support it."""
+        if self.path == "op":
+            return False
+        reason = self.fused_unsupported()
+        if reason is not None:
+            if self.path == "fused":
+                raise ValueError(f"path='fused' is not available here: {reason}; use path='auto' or 'op'")
+            return False
+        if self.backend == "triton":
+            return False
+        return torch.is_grad_enabled() and any(
+            isinstance(t, Tensor) and t.requires_grad for t in (hidden, weight, bias)
+        )
+
+    def _policy_loss(
+        self, hidden, weight, targets, bias, shift, loss, *, make_groups, make_chunk_loss=None
+    ) -> LossOutput:
+        """``loss(logp)`` of the policy's per-token log-probs ``(rows, L)`` (0.0 where not scored), on the path
+        ``uses_fused_path`` picks. Called on the loss-fused path only: ``make_groups()`` returns the ``(rows,)``
+        group ids (rows that ``loss`` couples share an id) and ``make_chunk_loss()`` its ``chunk_loss`` (for a
+        ``loss`` that all-reduces a reference point: the chunks use the point computed once)."""
+        if not self.uses_fused_path(hidden, weight, bias):
+            return loss(self._head_logps(POLICY_HEAD, hidden, weight, targets, bias, shift))
+        chunk_loss = make_chunk_loss() if make_chunk_loss is not None else None
+        return fused_policy_loss(
+            hidden, weight, targets, bias, loss, groups=make_groups(), chunk_loss=chunk_loss,
+            ignore_index=self.ignore_index, shift=shift, temperature=self.temperature, softcap=self.softcap,
+            names=POLICY_HEAD,
+        )  # fmt: skip
+
     def _reference(
         self,
         *,
@@ -187,7 +238,7 @@ class FusedLinearLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        opts = [f"ignore_index={self.ignore_index}", f"backend={self.backend!r}"]
+        opts = [f"ignore_index={self.ignore_index}", f"backend={self.backend!r}", f"path={self.path!r}"]
         if self.temperature != 1.0:
             opts.append(f"temperature={self.temperature}")
         if self.softcap is not None:
@@ -198,26 +249,27 @@ class FusedLinearLoss(nn.Module):
 class PairedLoss(FusedLinearLoss):
     """Base of the paired losses: per-sequence policy (and reference) sums of ``2B`` rows."""
 
-    def _paired_sums(
+    def _paired_loss(
         self,
         hidden,
         weight,
         labels,
         bias,
         shift,
+        pair_loss,
         *,
         ref_hidden=None,
         ref_weight=None,
         ref_bias=None,
         ref_logps=None,
         reference: bool = True,
-    ):
-        """``(policy, ref, lengths, B)``: ``(2B,)`` sums (``ref`` is None when reference-free)."""
+    ) -> LossOutput:
+        """``pair_loss(policy, ref, lengths, B)`` of the ``(2B,)`` policy and reference sequence sums and
+        completion lengths (``ref`` None when reference-free); the reference is scored first."""
         rows = self._check_rows(hidden, labels, paired=True)
         if not isinstance(shift, bool):
             raise ValueError(f"shift must be a bool, got {shift!r}")
         mask = self._mask(labels, shift)
-        policy = self._head_logps(POLICY_HEAD, hidden, weight, labels, bias, shift).sum(-1)
         ref = None
         if reference:
             ref = self._reference(
@@ -230,7 +282,16 @@ class PairedLoss(FusedLinearLoss):
                 shift=shift,
                 per_token=False,
             )
-        return policy, ref, mask.sum(-1), rows // 2
+        lengths, b = mask.sum(-1), rows // 2
+        return self._policy_loss(
+            hidden,
+            weight,
+            labels,
+            bias,
+            shift,
+            lambda tok: pair_loss(tok.sum(-1), ref, lengths, b),
+            make_groups=lambda: pair_groups(rows, labels.device),
+        )
 
 
 class ReferenceFreePairedLoss(PairedLoss):
@@ -253,8 +314,15 @@ class ReferenceFreePairedLoss(PairedLoss):
         self._reject_reference(
             ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps
         )
-        policy, _, lengths, b = self._paired_sums(hidden, weight, labels, bias, shift, reference=False)
-        return self._pair_loss(policy[:b], policy[b:], lengths[:b], lengths[b:])
+        return self._paired_loss(
+            hidden,
+            weight,
+            labels,
+            bias,
+            shift,
+            lambda policy, _, lengths, b: self._pair_loss(policy[:b], policy[b:], lengths[:b], lengths[b:]),
+            reference=False,
+        )
 
     def _pair_loss(
         self, chosen: Tensor, rejected: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor

@@ -89,23 +89,34 @@ class DPOLoss(PairedLoss):
         """Args: ``hidden`` ``(2B, T, D)``, ``weight`` ``(V, D)``, ``labels`` ``(2B, T)`` (-100 off the
         completion), ``bias`` ``(V,)``; the reference as ``ref_hidden`` + ``ref_weight`` (+ ``ref_bias``) or
         ``ref_logps`` (sums ``(2B,)`` or per-token ``(2B, T-1)``)."""
-        policy, ref, lengths, b = self._paired_sums(
+        return self._paired_loss(
             hidden,
             weight,
             labels,
             bias,
             shift,
+            self._dpo_loss,
             ref_hidden=ref_hidden,
             ref_weight=ref_weight,
             ref_bias=ref_bias,
             ref_logps=ref_logps,
         )
+
+    def _dpo_loss(self, policy: Tensor, ref: Tensor, lengths: Tensor, b: int) -> LossOutput:
         delta = self._bco_delta(policy, ref) if self.loss_type == "bco_pair" else None
         return dpo_loss(
             policy[:b], policy[b:], ref[:b], ref[b:], beta=self.beta, loss_type=self.loss_type,
             label_smoothing=self.label_smoothing, nll_weight=self.nll_weight, chosen_lengths=lengths[:b],
             rejected_lengths=lengths[b:], discopop_tau=self.discopop_tau, bco_delta=delta,
         )  # fmt: skip
+
+    def fused_unsupported(self) -> str | None:
+        if self.loss_type == "bco_pair":
+            return (
+                "loss_type='bco_pair' shifts every pair by the running mean of the rewards, updated with this "
+                "batch's policy rewards before the loss: each pair's gradient depends on all pairs' log-probs"
+            )
+        return None
 
     def extra_repr(self) -> str:
         return (

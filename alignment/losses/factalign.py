@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from prefuse.alignment.functional._common import check_real
 from prefuse.alignment.functional.factalign import factalign_loss
+from prefuse.alignment.losses.fused import linked_row_groups
 from prefuse.alignment.losses.kto import KTOLoss
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
@@ -107,7 +109,7 @@ class FactAlignLoss(KTOLoss):
             or kl_sentence_ids.shape != kl_labels.shape
         ):
             raise ValueError("kl_sentence_ids must have kl_labels' shape (and needs the KL rows)")
-        policy, ref, policy_kl, ref_kl = self._rows_and_kl(
+        ref, policy_kl, ref_kl = self._reference_and_kl(
             hidden, weight, labels, desirable, kl_hidden=kl_hidden, kl_labels=kl_labels, kl=kl, bias=bias,
             ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
             ref_kl_hidden=ref_kl_hidden, ref_kl_logps=ref_kl_logps, shift=shift, per_token=True,
@@ -117,13 +119,30 @@ class FactAlignLoss(KTOLoss):
         def aligned(ids: Tensor | None) -> Tensor | None:
             return None if ids is None else (ids[:, 1:] if shift else ids)
 
-        return factalign_loss(
-            policy, ref, desirable, aligned(sentence_ids), sentence_labels, policy_kl_logps=policy_kl,
-            ref_kl_logps=ref_kl, kl_sentence_ids=aligned(kl_sentence_ids), kl=kl, fg_kl=fg_kl, beta=self.beta,
-            fg_beta=self.fg_beta, desirable_weight=self.desirable_weight,
-            undesirable_weight=self.undesirable_weight, fg_desirable_weight=self.fg_desirable_weight,
-            fg_undesirable_weight=self.fg_undesirable_weight, loss_weight=self.loss_weight,
-            fg_loss_weight=self.fg_loss_weight,
+        def loss(tok: Tensor, **reference_points) -> LossOutput:
+            kl_rows = {
+                "policy_kl_logps": policy_kl,
+                "ref_kl_logps": ref_kl,
+                "kl_sentence_ids": aligned(kl_sentence_ids),
+                "kl": kl,
+                "fg_kl": fg_kl,
+            }
+            return factalign_loss(
+                tok, ref, desirable, aligned(sentence_ids), sentence_labels,
+                **(reference_points or kl_rows), beta=self.beta,
+                fg_beta=self.fg_beta, desirable_weight=self.desirable_weight,
+                undesirable_weight=self.undesirable_weight, fg_desirable_weight=self.fg_desirable_weight,
+                fg_undesirable_weight=self.fg_undesirable_weight, loss_weight=self.loss_weight,
+                fg_loss_weight=self.fg_loss_weight,
+            )  # fmt: skip
+
+        def make_chunk_loss():  # z and z_fg, statistics of the KL rows only, computed once (they all-reduce)
+            points = loss(torch.zeros_like(ref)).metrics
+            return lambda tok: loss(tok, kl=points["kl"], fg_kl=points["fg_kl"]).loss
+
+        return self._policy_loss(
+            hidden, weight, labels, bias, shift, loss, make_groups=lambda: linked_row_groups(aligned(sentence_ids)),
+            make_chunk_loss=make_chunk_loss,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

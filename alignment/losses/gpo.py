@@ -44,19 +44,26 @@ class GPOLoss(PairedLoss):
         shift: bool = True,
     ) -> LossOutput:
         """``DPOLoss.forward``'s arguments plus ``s_chosen``, ``s_rejected``: ``(B,)`` preference scores."""
-        policy, ref, _, b = self._paired_sums(
+        return self._paired_loss(
             hidden,
             weight,
             labels,
             bias,
             shift,
+            lambda policy, ref, _, b: gpo_loss(
+                policy[:b],
+                policy[b:],
+                ref[:b],
+                ref[b:],
+                s_chosen,
+                s_rejected,
+                beta=self.beta,
+                clamp=self.clamp,
+            ),
             ref_hidden=ref_hidden,
             ref_weight=ref_weight,
             ref_bias=ref_bias,
             ref_logps=ref_logps,
-        )
-        return gpo_loss(
-            policy[:b], policy[b:], ref[:b], ref[b:], s_chosen, s_rejected, beta=self.beta, clamp=self.clamp
         )
 
     def extra_repr(self) -> str:

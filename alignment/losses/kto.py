@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from prefuse.alignment.functional._common import check_vector
 from prefuse.alignment.functional.kto import check_kto_options, kto_loss
-from prefuse.alignment.losses.base import POLICY_HEAD, FusedLinearLoss
+from prefuse.alignment.losses.base import FusedLinearLoss
+from prefuse.alignment.losses.fused import row_groups
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
 
@@ -33,7 +34,7 @@ class KTOLoss(FusedLinearLoss):
         self.desirable_weight = float(desirable_weight)
         self.undesirable_weight = float(undesirable_weight)
 
-    def _rows_and_kl(
+    def _reference_and_kl(
         self,
         hidden,
         weight,
@@ -54,17 +55,17 @@ class KTOLoss(FusedLinearLoss):
         per_token: bool,
         kl_per_token: bool,
     ):
-        """Policy and reference log-probs of the rows and of the KL rows (or ``None`` when ``kl`` is given).
+        """The reference log-probs of the rows, and the policy's and the reference's of the KL rows (``None``
+        when ``kl`` is given), all without grad: everything the loss needs before the policy's rows.
 
-        Returns ``(policy, ref, policy_kl, ref_kl)``: per-token ``(rows, L)`` when ``per_token`` else sums;
-        the KL ones per-token when ``kl_per_token``.
+        Returns ``(ref, policy_kl, ref_kl)``: per-token ``(rows, L)`` when ``per_token`` else sums; the KL ones
+        per-token when ``kl_per_token``.
         """
         rows = self._check_rows(hidden, labels)
         if not isinstance(shift, bool):
             raise ValueError(f"shift must be a bool, got {shift!r}")
         check_vector("desirable", desirable, rows, dtype_kind="bool", device=hidden.device)
         mask = self._mask(labels, shift)
-        policy = self._head_logps(POLICY_HEAD, hidden, weight, labels, bias, shift)
         ref = self._reference(
             hidden=ref_hidden,
             weight=ref_weight,
@@ -75,8 +76,6 @@ class KTOLoss(FusedLinearLoss):
             shift=shift,
             per_token=per_token,
         )
-        if not per_token:
-            policy = policy.sum(-1)
         if kl is not None:
             given = [
                 n
@@ -90,7 +89,7 @@ class KTOLoss(FusedLinearLoss):
             ]
             if given:
                 raise ValueError(f"pass either kl or the KL rows, not both (got kl and {', '.join(given)})")
-            return policy, ref, None, None
+            return ref, None, None
         if kl_hidden is None or kl_labels is None:
             raise ValueError(
                 f"{type(self).__name__} needs its reference point: pass kl_hidden and kl_labels (the mismatched "
@@ -118,7 +117,7 @@ class KTOLoss(FusedLinearLoss):
         )
         if not kl_per_token:
             policy_kl = policy_kl.sum(-1)
-        return policy, ref, policy_kl, ref_kl
+        return ref, policy_kl, ref_kl
 
     def forward(
         self,
@@ -145,23 +144,31 @@ class KTOLoss(FusedLinearLoss):
 
         Returns ``LossOutput`` with KTO's metrics (``kl``, ``count/*``, ``rewards/*_sum``, ...).
         """
-        policy, ref, policy_kl, ref_kl = self._rows_and_kl(
+        ref, policy_kl, ref_kl = self._reference_and_kl(
             hidden, weight, labels, desirable, kl_hidden=kl_hidden, kl_labels=kl_labels, kl=kl, bias=bias,
             ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
             ref_kl_hidden=ref_kl_hidden, ref_kl_logps=ref_kl_logps, shift=shift, per_token=False,
             kl_per_token=False,
         )  # fmt: skip
-        return kto_loss(
-            policy,
-            ref,
-            desirable,
-            policy_kl_logps=policy_kl,
-            ref_kl_logps=ref_kl,
-            kl=kl,
-            beta=self.beta,
-            desirable_weight=self.desirable_weight,
-            undesirable_weight=self.undesirable_weight,
-        )
+        options = {
+            "beta": self.beta,
+            "desirable_weight": self.desirable_weight,
+            "undesirable_weight": self.undesirable_weight,
+        }
+
+        def loss(tok: Tensor) -> LossOutput:
+            return kto_loss(
+                tok.sum(-1), ref, desirable, policy_kl_logps=policy_kl, ref_kl_logps=ref_kl, kl=kl, **options
+            )
+
+        def make_chunk_loss():  # z, a statistic of the KL rows only, computed once (it all-reduces)
+            z = loss(torch.zeros(self._mask(labels, shift).shape, device=labels.device)).metrics["kl"]
+            return lambda tok: kto_loss(tok.sum(-1), ref, desirable, kl=z, **options).loss
+
+        return self._policy_loss(
+            hidden, weight, labels, bias, shift, loss, make_groups=lambda: row_groups(hidden.shape[0], labels.device),
+            make_chunk_loss=make_chunk_loss,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (

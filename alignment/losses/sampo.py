@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 from prefuse.alignment.functional._common import check_real
 from prefuse.alignment.functional.sampo import rank_seed, sampo_loss, sampo_sample_masks
-from prefuse.alignment.losses.base import POLICY_HEAD, PairedLoss
+from prefuse.alignment.losses.base import PairedLoss
+from prefuse.alignment.losses.fused import pair_groups
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
 
@@ -101,7 +102,9 @@ class SamPOLoss(PairedLoss):
             self.seed.set_state(state["state"])
             return
         if self.seed is None:
-            raise ValueError("this SamPOLoss draws from the global RNG (seed=None): it has no generator state")
+            raise ValueError(
+                "this SamPOLoss draws from the global RNG (seed=None): it has no generator state"
+            )
         if state["seed"] != rank_seed(int(self.seed), self.rank()):
             raise ValueError(
                 f"the saved sampling stream was seeded with {state['seed']}, this loss (seed={self.seed}, rank "
@@ -138,8 +141,6 @@ class SamPOLoss(PairedLoss):
         )
         policy_keep = torch.cat([mask[:b] if self.nll_weight > 0 else kept[0], kept[1]])
         ref_keep = torch.cat(ref_kept)
-        targets = self._masked_targets(labels, policy_keep, shift)
-        policy = self._head_logps(POLICY_HEAD, hidden, weight, targets, bias, shift)
         ref = self._reference(
             hidden=ref_hidden,
             weight=ref_weight,
@@ -150,10 +151,26 @@ class SamPOLoss(PairedLoss):
             shift=shift,
             per_token=True,
         )
-        return sampo_loss(
-            policy[:b], policy[b:], ref[:b], ref[b:], mask[:b], mask[b:], beta=self.beta,
-            nll_weight=self.nll_weight, sampled_masks=kept, ref_sampled_masks=ref_kept,
-        )  # fmt: skip
+        return self._policy_loss(
+            hidden,
+            weight,
+            self._masked_targets(labels, policy_keep, shift),
+            bias,
+            shift,
+            lambda policy: sampo_loss(
+                policy[:b],
+                policy[b:],
+                ref[:b],
+                ref[b:],
+                mask[:b],
+                mask[b:],
+                beta=self.beta,
+                nll_weight=self.nll_weight,
+                sampled_masks=kept,
+                ref_sampled_masks=ref_kept,
+            ),  # fmt: skip
+            make_groups=lambda: pair_groups(rows, labels.device),
+        )
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, seed={self.seed!r}, nll_weight={self.nll_weight}, " + super().extra_repr()

@@ -40,18 +40,20 @@ class SPPOLoss(PairedLoss):
     ) -> LossOutput:
         """``DPOLoss.forward``'s arguments plus ``p_chosen``, ``p_rejected``: ``(B,)`` estimated win rates
         of the chosen / rejected completions against the current policy, in ``[0, 1]``."""
-        policy, ref, _, b = self._paired_sums(
+        return self._paired_loss(
             hidden,
             weight,
             labels,
             bias,
             shift,
+            lambda policy, ref, _, b: sppo_loss(
+                policy[:b], policy[b:], ref[:b], ref[b:], p_chosen, p_rejected, beta=self.beta
+            ),
             ref_hidden=ref_hidden,
             ref_weight=ref_weight,
             ref_bias=ref_bias,
             ref_logps=ref_logps,
         )
-        return sppo_loss(policy[:b], policy[b:], ref[:b], ref[b:], p_chosen, p_rejected, beta=self.beta)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, " + super().extra_repr()

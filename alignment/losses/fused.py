@@ -1,0 +1,281 @@
+"""The loss-fused path: the policy's lm-head, the loss and the loss's gradient in one pass over the rows.
+
+On the op path a loss module calls ``linear_logprobs``: the forward computes the logits (GEMM 1) and the
+per-token log-probs; the backward recomputes the logits (GEMM 2), forms ``dl`` and computes ``dH = dl W``
+(GEMM 3) and ``dW = dlᵀ H`` (GEMM 4). A preference loss sees the policy only through per-token log-probs, and
+every loss here is a sum of per-group terms (a pair, a row) whose weights come from the labels alone (batch
+size, token counts, sentence counts): a group's gradient is known as soon as its own log-probs are. So the
+loss-fused path walks the policy's rows in chunks of whole groups and, per chunk ``c`` of scored tokens::
+
+    z = softcap(H_c Wᵀ + b) / T                          GEMM 1 (the chunk's logits, fp32)
+    logp_t = z_t[y_t] - logsumexp(z_t)                   per-token log-probs
+    g_t = ∂loss/∂logp_t                                  autograd on the loss of the per-token log-probs
+    dl = g (onehot(y) - softmax(z)) dz/dl                in the logits' buffer
+    dH_c = dl W                                          GEMM 2
+    dW += dlᵀ H_c,   db += Σ_t dl_t                      GEMM 3
+
+all in the forward: 3 GEMMs per scored policy token instead of 4, nothing recomputed (2 with a frozen head, which
+skips GEMM 3). The backward returns the stored gradients scaled by the loss's upstream gradient. The loss value
+and the metrics come from the loss of all per-token log-probs, the very function the op path calls; the
+reference and the detached reference points (KTO's ``z``, FactAlign's ``z_fg``, SamPO's sample) are computed
+before the policy's first chunk.
+
+``g`` of a chunk is the gradient of the loss evaluated on the whole batch's per-token log-probs with the rows of
+later chunks held at 0; it is exact because the loss is a sum over groups (no term couples two groups). The
+logits math is the PyTorch twin's (``prefuse.kernels.linear_logprobs.torch_twin``); the chunk budget is its
+``chunk_rows`` (a group larger than the budget is a chunk alone: the path then holds that group's logits).
+Extra memory: the fp32 gradient buffers (``dH`` as large as the policy's hidden states, ``dW`` as the head), held
+from the forward to the backward, and O(tokens) besides.
+
+Path choice (the loss modules' ``path`` option): ``"auto"`` takes this path when the loss supports it, a
+gradient is needed (grad mode on, and hidden, weight or bias requires grad) and ``backend`` is not
+``"triton"`` (an explicit request for the op's Triton kernels); ``"fused"`` requires support (``ValueError``
+otherwise) under the same gradient rule (without a gradient the op's single GEMM is all there is to do);
+``"op"`` always calls ``linear_logprobs``. ``loss.fused_unsupported()`` names the reason a loss falls back, and
+``loss.uses_fused_path(hidden, weight, bias)`` says which path the next call takes.
+
+Supported: DPO (every ``loss_type`` but ``bco_pair``, with or without ``nll_weight``), SamPO, KTO, FactAlign,
+SPPO, GPO, SimPO, ORPO, CPO. Falls back to the op path:
+
+- DPO ``bco_pair``: its shift δ is the running mean of the rewards updated with *this batch's* mean policy
+  reward before the loss is evaluated, so every pair's gradient depends on every other pair's log-probs (a
+  batch statistic of the policy itself), which are not known until the last chunk.
+
+KTO's ``z`` and FactAlign's ``z_fg`` are statistics of the policy too, but detached and computed from the KL
+rows (scored without grad before the policy), so they do not couple the policy's groups. FactAlign's sentences
+group the rows they span (``linked_row_groups``); pairs are grouped by ``pair_groups``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from prefuse.alignment.output import LossOutput
+from prefuse.kernels.linear_logprobs import torch_twin
+from prefuse.kernels.linear_logprobs.validate import validate_arguments, validate_targets
+from torch import Tensor
+
+PATHS = ("auto", "op", "fused")
+"""Values of the loss modules' ``path`` option."""
+
+
+def pair_groups(rows: int, device: torch.device) -> Tensor:
+    """Group ids of a paired batch of ``rows = 2B`` rows: rows ``b`` and ``B + b`` form pair ``b``."""
+    return torch.arange(rows, device=device) % max(rows // 2, 1)
+
+
+def row_groups(rows: int, device: torch.device) -> Tensor:
+    """Group ids of an unpaired batch: every row on its own."""
+    return torch.arange(rows, device=device)
+
+
+def linked_row_groups(segment_ids: Tensor) -> Tensor:
+    """Group ids ``(rows,)`` when rows sharing a segment id (``>= 0``; FactAlign's sentences) must stay
+    together: the smallest row index of each row's connected component (rows linked through shared ids)."""
+    rows = segment_ids.shape[0]
+    label = torch.arange(rows, device=segment_ids.device)
+    inside = segment_ids >= 0
+    distinct, ids = torch.unique(segment_ids[inside], return_inverse=True)
+    owner = label[:, None].expand_as(segment_ids)[inside]
+    smallest = torch.full((distinct.numel(),), rows, device=label.device)
+    while True:  # each pass links rows one shared id further; the labels only decrease
+        per_id = smallest.scatter_reduce(0, ids, label[owner], "amin")
+        linked = label.scatter_reduce(0, owner, per_id[ids], "amin")
+        if torch.equal(linked, label):
+            return label
+        label = linked
+
+
+def _chunks(groups: Tensor, tokens: Tensor, budget: int) -> list[Tensor]:
+    """Row indices of each chunk: whole groups, in group order, adding up to at most ``budget`` scored tokens
+    (a group over the budget is a chunk alone). One host read of the per-row token counts."""
+    order = torch.argsort(groups, stable=True)
+    ids, counts = groups[order].tolist(), tokens[order].tolist()
+    chunks, start, size, i = [], 0, 0, 0
+    while i < len(ids):
+        end, group_size = i, 0
+        while end < len(ids) and ids[end] == ids[i]:
+            group_size += counts[end]
+            end += 1
+        if size and size + group_size > budget:
+            chunks.append(order[start:i])
+            start, size = i, 0
+        size += group_size
+        i = end
+    if start < len(ids):
+        chunks.append(order[start:])
+    return chunks
+
+
+def _logit_gradient(
+    z: Tensor, lse: Tensor, target: Tensor, g: Tensor, t: Tensor | None, inv_temperature: float
+) -> Tensor:
+    """``dl = g (onehot(target) - softmax(z)) · inv_T · (1 - t²)`` (the last factor with a softcap, ``t`` being
+    ``tanh(l / c)``), built in ``z``'s buffer."""
+    dl = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+    dl.scatter_add_(1, target[:, None], g[:, None])
+    dl.mul_(inv_temperature)
+    if t is not None:
+        dl.mul_(t.square_().neg_().add_(1.0))
+    return dl
+
+
+def _logps_gradient(
+    chunk_loss: Callable[[Tensor], Tensor], tok: Tensor, flat: Tensor, logp: Tensor
+) -> Tensor:
+    """``∂ chunk_loss / ∂ logp`` at the chunk's positions ``flat`` of ``tok`` (the batch's per-token log-probs,
+    0 where not yet computed); then writes ``logp`` into ``tok``."""
+    with torch.enable_grad():
+        x = logp.detach().requires_grad_(True)
+        value = chunk_loss(tok.reshape(-1).index_put((flat,), x).view_as(tok))
+        grad = torch.autograd.grad(value, x, allow_unused=True)[0] if value.requires_grad else None
+    tok.view(-1).index_copy_(0, flat, logp)
+    return torch.zeros_like(logp) if grad is None else grad.float()
+
+
+def _fused_pass(
+    hidden2d: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    source: Tensor,
+    targets: Tensor,
+    scored: Tensor,
+    groups: Tensor,
+    chunk_loss: Callable[[Tensor], Tensor],
+    *,
+    softcap: float | None,
+    inv_temperature: float,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
+    """Per-token log-probs ``(rows, L)`` (0.0 where not scored) and the gradients of ``hidden2d``, ``weight``,
+    ``bias`` (None where not needed). ``source[p]`` is the hidden row of output position ``p``."""
+    rows, length = targets.shape
+    device = hidden2d.device
+    tok = torch.zeros(rows, length, dtype=torch.float32, device=device)
+    w, b = torch_twin._compute_weights(weight, bias)
+    need_hidden, need_weight, need_bias = needs
+    grad_h = torch.zeros(hidden2d.shape, dtype=torch.float32, device=device) if need_hidden else None
+    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=device) if need_weight else None
+    grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=device) if need_bias else None
+    positions = torch.arange(rows * length, device=device).view(rows, length)
+    budget = torch_twin.chunk_rows(weight.shape[0], softcap)
+    for chunk in _chunks(groups, scored.sum(-1), budget):
+        flat = positions[chunk][scored[chunk]]
+        if flat.numel() == 0:
+            continue
+        src, target = source[flat], targets.view(-1)[flat]
+        h = hidden2d.index_select(0, src).float()
+        z, t = torch_twin._scaled_logits(h, w, b, softcap, inv_temperature)
+        lse = torch.logsumexp(z, dim=-1)
+        logp = z.gather(1, target[:, None]).squeeze(1) - lse
+        logp = torch.where(h.isfinite().all(-1), logp, torch.nan)  # the op's rule for a non-finite hidden row
+        g = _logps_gradient(chunk_loss, tok, flat, logp)
+        dl = _logit_gradient(z, lse, target, g, t, inv_temperature)
+        if grad_h is not None:
+            grad_h.index_copy_(0, src, dl @ w)
+        if grad_w is not None:
+            grad_w.addmm_(dl.T, h)
+        if grad_b is not None:
+            grad_b.add_(dl.sum(0))
+    return tok, (
+        grad_h.to(hidden2d.dtype) if grad_h is not None else None,
+        grad_w.to(weight.dtype) if grad_w is not None else None,
+        grad_b.to(bias.dtype) if grad_b is not None else None,
+    )
+
+
+class _StoredGradients(torch.autograd.Function):
+    """``value`` as a function of ``hidden``, ``weight``, ``bias`` whose gradients were computed in the forward:
+    the backward returns them scaled by the upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, value, hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        def scaled(grad):
+            return None if grad is None else grad * grad_value.to(grad.dtype)
+
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        return None, scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias), None, None, None
+
+
+def fused_policy_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    loss: Callable[[Tensor], LossOutput],
+    *,
+    groups: Tensor,
+    chunk_loss: Callable[[Tensor], Tensor] | None = None,
+    ignore_index: int = -100,
+    shift: bool = True,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    names: str = "hidden, weight, bias, targets",
+) -> LossOutput:
+    """``loss(logp)`` on the policy's per-token log-probs ``logp = linear_logprobs(hidden, weight, targets, bias,
+    shift=shift, ...)``, differentiable in ``hidden``, ``weight`` and ``bias`` through the loss-fused path.
+
+    Args:
+        hidden: ``(rows, T, D)`` policy hidden states; ``weight`` ``(V, D)``, ``bias`` ``(V,)`` or None.
+        targets: ``(rows, T)``; positions equal to ``ignore_index`` are not scored.
+        loss: per-token log-probs ``(rows, L)`` (0.0 where not scored) -> ``LossOutput``; called once, on all
+            of them (the op path's call: its value and metrics are returned).
+        groups: ``(rows,)`` group id of each row: ``loss`` must be a sum of terms each of which reads the rows of
+            one group only (``pair_groups``, ``row_groups``, ``linked_row_groups``).
+        chunk_loss: the scalar loss the chunks' gradients are taken of (default: ``loss(...).loss``), for a
+            ``loss`` that must not run once per chunk (one that all-reduces a reference point: ``chunk_loss`` uses
+            the point computed beforehand).
+        names: the arguments named in a ``ValueError`` about the head.
+
+    Returns:
+        ``LossOutput`` whose ``loss`` carries the stored gradients (module docstring); ``metrics`` from ``loss``.
+    """
+    try:
+        validate_arguments(hidden, weight, targets, bias, ignore_index, shift, temperature, softcap, "torch")
+        if hidden.dim() != 3:
+            raise ValueError(f"hidden must have shape (rows, T, D), got {tuple(hidden.shape)}")
+        scored_targets = (targets[:, 1:] if shift else targets).long()
+        scored = scored_targets != ignore_index
+        validate_targets(scored_targets, scored, weight.shape[0])
+    except ValueError as err:
+        raise ValueError(f"{names}: {err}") from err
+    rows, steps = targets.shape
+    length = scored_targets.shape[1]
+    device = hidden.device
+    source = (
+        torch.arange(rows, device=device)[:, None] * steps + torch.arange(length, device=device)
+    ).reshape(-1)
+    needs = tuple(
+        torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    if chunk_loss is None:
+
+        def chunk_loss(tok: Tensor) -> Tensor:
+            return loss(tok).loss
+
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    with torch.no_grad():
+        tok, (grad_h, grad_w, grad_b) = _fused_pass(
+            hidden2d if hidden2d.stride(-1) == 1 else hidden2d.contiguous(),
+            weight.contiguous(),
+            bias.contiguous() if bias is not None else None,
+            source,
+            scored_targets.clamp(0, weight.shape[0] - 1),
+            scored,
+            groups,
+            chunk_loss,
+            softcap=softcap,
+            inv_temperature=1.0 / float(temperature),
+            needs=needs,
+        )
+        out = loss(tok)
+    if grad_h is not None:
+        grad_h = grad_h.view(hidden.shape)
+    value = _StoredGradients.apply(out.loss.detach(), hidden, weight, bias, grad_h, grad_w, grad_b)
+    return LossOutput(value, out.metrics)
