@@ -164,7 +164,7 @@ def _fused_pass(
         flat = positions[chunk][scored[chunk]]
         if flat.numel() == 0:
             continue
-        src, target = source[flat], targets.view(-1)[flat]
+        src, target = source[flat], targets.reshape(-1)[flat]
         h = hidden2d.index_select(0, src).float()
         z, t = torch_twin._scaled_logits(h, w, b, softcap, inv_temperature)
         lse = torch.logsumexp(z, dim=-1)
