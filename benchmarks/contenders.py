@@ -13,7 +13,9 @@ log-probs of the core op); the harness adds the backward. A contender that canno
 - ``cce``: Cut Cross-Entropy's ``linear_cross_entropy(reduction="none")`` as the per-token log-prob provider of
   the workload's formula (CUDA only; when ``cut-cross-entropy`` is installed).
 - ``prefuse``: ``prefuse.kernels.linear_logprobs`` for the core op, the ``prefuse.alignment`` loss modules
-  (DESIGN.md's API, default hyper-parameters) for the losses.
+  (default hyper-parameters and options: the loss-fused path, 3 GEMMs per policy token) for the losses.
+- ``prefuse-op``: the same loss modules on the op path (``path="op"``: ``linear_logprobs``, 4 GEMMs per policy
+  token), on DPO and KTO: the loss-fused path's gain in the same run.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ LIGER_LOSSES = {"dpo": "LigerFusedLinearDPOLoss", "kto": "LigerFusedLinearKTOLos
 PREFUSE_LOSSES = {
     "dpo": "DPOLoss", "sampo": "SamPOLoss", "kto": "KTOLoss", "factalign": "FactAlignLoss", "sppo": "SPPOLoss",
 }
+OP_PATH_WORKLOADS = ("dpo", "kto")
+"""Workloads ``prefuse-op`` runs on (beside ``prefuse``'s loss-fused path)."""
 
 
 class Unavailable(Exception):
@@ -57,9 +61,11 @@ def unavailable_reason(case: Case, contender: str) -> str | None:
         return "SamPO's shared sampler (prefuse.alignment.functional.sampo_sample_masks) is not importable"
     if contender == "naive":
         return None
-    if contender == "prefuse":
+    if contender in ("prefuse", "prefuse-op"):
         if workload == "logprobs":
-            return None
+            return None if contender == "prefuse" else "the core op is the op path (prefuse-op is a loss's op path)"
+        if contender == "prefuse-op" and workload not in OP_PATH_WORKLOADS:
+            return f"the losses' op path is measured on {' and '.join(OP_PATH_WORKLOADS)}"
         if not _installed("prefuse.alignment"):
             return "prefuse.alignment is not importable"
         name = PREFUSE_LOSSES[workload]
@@ -132,7 +138,7 @@ def _liger(batch: Batch, compiled: bool) -> Forward:
 
 
 # ---------------------------------------------------------------------------------------------- prefuse
-def _prefuse(batch: Batch) -> Forward:
+def _prefuse(batch: Batch, path: str = "auto") -> Forward:
     workload = batch.case.workload
     if workload == "logprobs":
         from prefuse.kernels import linear_logprobs
@@ -140,7 +146,7 @@ def _prefuse(batch: Batch) -> Forward:
         return lambda: linear_logprobs(batch.hidden, batch.weight, batch.labels, shift=True, softcap=batch.softcap)
     from prefuse import alignment
 
-    options = {"softcap": batch.softcap}
+    options = {"softcap": batch.softcap, "path": path}
     refs = {"ref_hidden": batch.ref_hidden, "ref_weight": batch.ref_weight}
     kl = {"kl_hidden": batch.kl_hidden, "kl_labels": batch.kl_labels, "ref_kl_hidden": batch.ref_kl_hidden}
     if workload == "dpo":
@@ -168,6 +174,7 @@ BUILDERS: dict[str, Callable[[Batch], Forward]] = {
     "liger": partial(_liger, compiled=False),
     "liger-compiled": partial(_liger, compiled=True),
     "cce": _cce,
+    "prefuse-op": partial(_prefuse, path="op"),
     "prefuse": _prefuse,
 }
 

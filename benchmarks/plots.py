@@ -12,6 +12,7 @@ STYLE = {
     "liger": ("tab:orange", "s"),
     "liger-compiled": ("tab:red", "D"),
     "cce": ("tab:green", "^"),
+    "prefuse-op": ("tab:purple", "v"),
     "prefuse": ("tab:blue", "*"),
 }
 

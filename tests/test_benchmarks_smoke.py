@@ -70,6 +70,10 @@ def test_contenders_run_where_they_exist_and_say_why_not(smoke_results):
     for (workload, head, _, _, contender), rec in by_key.items():
         if contender in ("naive", "prefuse"):
             assert rec["status"] == "ok", rec.get("reason")
+        elif contender == "prefuse-op":  # the losses' op path beside the loss-fused path, on DPO and KTO
+            assert (rec["status"] == "ok") == (workload in ("dpo", "kto")), (workload, rec.get("reason"))
+            if rec["status"] != "ok":
+                assert rec["reason"]
         elif contender == "cce":  # Triton-only: a CPU run says so
             assert rec["status"] == "skipped" and "CUDA" in rec["reason"]
         elif contender == "liger":
@@ -91,7 +95,8 @@ def test_report_files_from_results(smoke_results, tmp_path):
     text = paths["markdown"].read_text()
     for title in report.WORKLOAD_TITLES.values():
         assert title in text
-    assert "prefuse/naive" in text and "Peak-memory growth per 1,000 tokens" in text
+    assert "prefuse/naive" in text and "prefuse/prefuse-op" in text
+    assert "Peak-memory growth per 1,000 tokens" in text
     if HAS_LIGER:
         assert "prefuse/liger" in text
     data = json.loads(paths["json"].read_text())
