@@ -14,8 +14,10 @@ from prefuse.kernels.linear_logprobs import chunked, naive_linear_logprobs, op
 IMPLS = [
     pytest.param(("torch", "cpu"), id="torch-cpu"),
     pytest.param(("triton", "cpu"), marks=pytest.mark.interpret, id="triton-interpret"),
+    pytest.param(("chunked", "cpu"), marks=pytest.mark.interpret, id="chunked-interpret"),
     pytest.param(("torch", "cuda"), marks=pytest.mark.gpu, id="torch-cuda"),
     pytest.param(("triton", "cuda"), marks=pytest.mark.gpu, id="triton-cuda"),
+    pytest.param(("chunked", "cuda"), marks=pytest.mark.gpu, id="chunked-cuda"),
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 OPTIONS = {
@@ -333,16 +335,21 @@ def test_mixed_devices_raise_value_error():
 @pytest.mark.gpu
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_triton_path_never_syncs_with_the_host(deterministic, monkeypatch):
-    """Plan, kernels and scatter run without a host sync once the (eager-only) target check is out of the way."""
+    """Plan, kernels and scatter of the all-fused backend run without a host sync once the (eager-only) target
+    check is out of the way (the chunked backends read ``n_valid`` to size their GEMMs)."""
     hidden, weight, targets, bias = make_inputs(shape=(4, 64), dim=64, vocab=1000, device="cuda", bias=True)
     leaves = [x.requires_grad_() for x in (hidden, weight, bias)]
-    out = linear_logprobs(*leaves[:2], targets, leaves[2], shift=True, deterministic=deterministic)
+    out = linear_logprobs(
+        *leaves[:2], targets, leaves[2], shift=True, deterministic=deterministic, backend="triton"
+    )
     torch.autograd.grad(out.sum(), leaves)  # warm-up: autotuning may sync
     torch.cuda.synchronize()
     monkeypatch.setattr(op, "validate_targets", lambda *args: None)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = linear_logprobs(*leaves[:2], targets, leaves[2], shift=True, deterministic=deterministic)
+        out = linear_logprobs(
+            *leaves[:2], targets, leaves[2], shift=True, deterministic=deterministic, backend="triton"
+        )
         torch.autograd.grad(out.sum(), leaves)
     finally:
         torch.cuda.set_sync_debug_mode("default")

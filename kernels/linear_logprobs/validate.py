@@ -99,17 +99,17 @@ def validate_options(
 ) -> None:
     """The op's scalar options (also checked by the loss modules when they are built).
 
-    ``temperature`` and ``logit_scale`` must also keep ``logit_scale / temperature`` finite (a temperature of
-    1e-39 would turn every logit into an infinity and the log-probs into NaN)."""
+    ``temperature`` and ``logit_scale`` must also keep ``logit_scale / temperature`` finite in float32 (a
+    temperature of 1e-39 would turn every logit into an infinity and the log-probs into NaN)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     if not INT64_RANGE[0] <= ignore_index <= INT64_RANGE[1]:
         raise ValueError(f"ignore_index must fit in int64 (targets are int64), got {ignore_index!r}")
     _check_positive_finite("temperature", temperature)
     _check_positive_finite("logit_scale", logit_scale)
-    if not math.isfinite(float(logit_scale) / float(temperature)):
+    if not float(logit_scale) / float(temperature) <= torch.finfo(torch.float32).max:
         raise ValueError(
-            f"temperature {temperature!r} is too small: logit_scale / temperature overflows float "
+            f"temperature {temperature!r} is too small: logit_scale / temperature overflows float32 "
             f"(logit_scale={logit_scale!r})"
         )
     if softcap is not None:
