@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from prefuse.kernels import linear_logprobs
-from prefuse.kernels.linear_logprobs import chunked, naive_linear_logprobs, op
+from prefuse.kernels.linear_logprobs import naive_linear_logprobs, op
 
 IMPLS = [
     pytest.param(("torch", "cpu"), id="torch-cpu"),
@@ -234,19 +234,6 @@ def test_non_contiguous_inputs_and_int32_targets(impl):
     assert rel_err(out.cpu(), ref) <= 1e-5
     for g, rg in zip(grads, ref_grads):
         assert rel_err(g.cpu(), rg) <= 1e-4
-
-
-def test_twin_chunking_is_invisible(monkeypatch):
-    """A budget that forces one-row chunks gives the same numbers as one big chunk."""
-    inputs = make_inputs(bias=True)
-    grad = torch.randn(inputs[2].shape)
-    one_chunk = fused(("torch", "cpu"), *inputs, grad, softcap=4.0)
-    monkeypatch.setattr(chunked, "CHUNK_BUDGET_BYTES", 1)
-    assert chunked.chunk_rows(67, torch.device("cpu")) == 1
-    many_chunks = fused(("torch", "cpu"), *inputs, grad, softcap=4.0)
-    torch.testing.assert_close(one_chunk[0], many_chunks[0])
-    for a, b in zip(one_chunk[1], many_chunks[1]):
-        torch.testing.assert_close(a, b)
 
 
 def test_nan_hidden_propagates_to_its_own_position():
