@@ -27,7 +27,7 @@ from prefuse.alignment import (
 from prefuse.alignment.functional import DPO_LOSS_TYPES
 from prefuse.alignment.losses import base as loss_base
 from prefuse.alignment.losses.fused import linked_row_groups, pair_groups
-from prefuse.kernels.linear_logprobs import naive_linear_logprobs, torch_twin
+from prefuse.kernels.linear_logprobs import chunked, naive_linear_logprobs
 from test_losses_factalign import make_sentences
 from test_losses_reference import IGNORE, make_labels
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -61,7 +61,16 @@ def _module(method: str, path: str, options: dict, **over):
 class Inputs:
     """One batch of ``method``'s inputs in ``dtype``; the policy head as leaves of that dtype and float64."""
 
-    def __init__(self, method: str, dtype: torch.dtype, seed: int, *, bias: bool = True, ref: str = "hidden"):
+    def __init__(
+        self,
+        method: str,
+        dtype: torch.dtype,
+        seed: int,
+        *,
+        bias: bool = True,
+        ref: str = "hidden",
+        device: str = "cpu",
+    ):
         gen = torch.Generator().manual_seed(seed)
         self.method, self.ref = method, ref
         rows = 2 * B
@@ -101,6 +110,10 @@ class Inputs:
             self.sentence_ids, n = make_sentences(self.labels, gen, skip=0.1)
             self.sentence_labels = torch.rand(n, generator=gen) < 0.5
             self.kl_sentence_ids, _ = make_sentences(self.kl_labels, gen)
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        self.extra = {name: value.to(device) for name, value in self.extra.items()}
 
     def leaves(self, *, double: bool = False, grads=(True, True, True)):
         """Fresh leaves ``(hidden, weight, bias)``; float64 copies of the same values when ``double``."""
@@ -147,6 +160,7 @@ def _naive64(module):
         return naive_linear_logprobs(
             hidden.double(), weight.double(), targets, None if bias is None else bias.double(),
             ignore_index=module.ignore_index, shift=shift, temperature=module.temperature, softcap=module.softcap,
+            logit_scale=module.logit_scale,
         )  # fmt: skip
 
     module._logps = logps
@@ -197,7 +211,7 @@ CASES = [
 ]
 OPTIONS = [
     pytest.param({}, id="plain"),
-    pytest.param({"softcap": 3.0, "temperature": 0.7}, id="softcap-temperature"),
+    pytest.param({"softcap": 3.0, "temperature": 0.7, "logit_scale": 1.3}, id="softcap-temperature-scale"),
 ]
 
 
@@ -206,7 +220,7 @@ def budget(request, monkeypatch):
     """The default chunk budget (the whole batch in one chunk) or 3 tokens (a chunk per group, most groups over
     the budget)."""
     if request.param == "tiny-chunks":
-        monkeypatch.setattr(torch_twin, "CHUNK_BUDGET_BYTES", 3 * 4 * V * 2)
+        monkeypatch.setattr(chunked, "CHUNK_BUDGET_BYTES", 3 * 4 * V)
     return request.param
 
 
@@ -347,7 +361,7 @@ def test_factalign_sentences_spanning_rows_link_the_rows(monkeypatch):
     assert linked_row_groups(torch.full((3, 2), -1)).tolist() == [0, 1, 2]
     assert pair_groups(6, torch.device("cpu")).tolist() == [0, 1, 2, 0, 1, 2]
     # a sentence over rows 0 and 3 (ids numbered over the batch, nothing forbids it): still exact, in tiny chunks
-    monkeypatch.setattr(torch_twin, "CHUNK_BUDGET_BYTES", 3 * 4 * V * 2)
+    monkeypatch.setattr(chunked, "CHUNK_BUDGET_BYTES", 3 * 4 * V)
     inputs = Inputs("factalign", torch.float32, seed=8)
     first = int(inputs.sentence_ids[0].max())
     inputs.sentence_ids[3] = torch.where(inputs.sentence_ids[3] >= 0, first, -1)
@@ -370,3 +384,31 @@ def test_empty_batch():
     out = DPOLoss(path="fused")(hidden, weight, torch.zeros(0, T, dtype=torch.long), ref_logps=torch.zeros(0))
     out.loss.backward()
     assert out.loss.item() == 0.0 and weight.grad.abs().sum() == 0
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("method", ["dpo:sigmoid", "kto"])
+def test_fused_with_the_triton_passes(method, dtype):
+    """backend='chunked': the op's Triton passes (interpreted here) inside the loss-fused path."""
+    options = {"softcap": 3.0, "logit_scale": 1.3, "backend": "chunked"}
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    inputs = Inputs(method, dtype, seed=12)
+    fused = _run(_module(method, "fused", options), inputs)
+    _compare(fused, _run(_module(method, "op", {**options, "backend": "torch"}), inputs), tol, "op")
+    _compare(fused, _run(_naive64(_module(method, "op", options)), inputs, double=True), 10 * tol, "float64")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("method", ["dpo:sigmoid", "sampo", "kto", "factalign"])
+def test_fused_on_cuda(method, dtype):
+    """On CUDA (cuBLAS GEMMs with fp32 accumulation, the Triton passes): fused == op == float64."""
+    options = {"softcap": 3.0, "logit_scale": 1.3}
+    tol = (
+        2e-4 if dtype == torch.float32 else 2e-2
+    )  # fp32 GEMMs may use TF32-free cuBLAS paths: still 1e-4 level
+    inputs = Inputs(method, dtype, seed=13, device="cuda")
+    fused = _run(_module(method, "fused", options), inputs)
+    _compare(fused, _run(_module(method, "op", options), inputs), tol, "op")
+    _compare(fused, _run(_naive64(_module(method, "op", options)), inputs, double=True), 10 * tol, "float64")

@@ -25,8 +25,9 @@ class FusedLinearLoss(nn.Module):
     Keyword options shared by all losses (after each loss's own hyper-parameters):
 
     - ``ignore_index`` (-100): label of positions that are not scored.
-    - ``temperature`` (1.0), ``softcap`` (None): passed to ``linear_logprobs`` for the policy and the reference
-      (Gemma-2's ``final_logit_softcapping``; ``temperature = 1 / logit_scale`` for heads that scale logits).
+    - ``temperature`` (1.0), ``softcap`` (None), ``logit_scale`` (1.0): passed to ``linear_logprobs`` for the
+      policy and the reference (Gemma-2's ``final_logit_softcapping``; a head's logit multiplier, applied
+      before the softcap).
     - ``backend`` ("auto"), ``deterministic`` (False): ``linear_logprobs`` backend options.
     - ``path`` ("auto"): ``"auto"`` | ``"fused"`` | ``"op"``, how the policy's head is differentiated: the
       loss-fused path (logits, loss gradient and head gradients in one pass, 3 GEMMs per policy token) or
@@ -43,19 +44,24 @@ class FusedLinearLoss(nn.Module):
         ignore_index: int = -100,
         temperature: float = 1.0,
         softcap: float | None = None,
+        logit_scale: float = 1.0,
         backend: str = "auto",
         deterministic: bool = False,
         path: str = "auto",
     ) -> None:
         super().__init__()
-        validate_options(ignore_index, temperature, softcap, backend)
+        validate_options(
+            ignore_index, temperature, softcap, backend, logit_scale=logit_scale, deterministic=deterministic
+        )
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         if path == "fused" and backend == "triton":
             raise ValueError(
-                "path='fused' runs its passes in PyTorch; backend='triton' needs path='op' or 'auto'"
+                "path='fused' has no form with backend='triton' (the op's first-wave kernels): use backend "
+                "'auto', 'chunked' or 'torch', or path='op'"
             )
         self.path = path
+        self.logit_scale = float(logit_scale)
         self.ignore_index = int(ignore_index)
         self.temperature = float(temperature)
         self.softcap = None if softcap is None else float(softcap)
@@ -119,8 +125,8 @@ class FusedLinearLoss(nn.Module):
         """Per-token log-probs ``(rows, L)`` through ``linear_logprobs`` (0.0 at ignored positions)."""
         return linear_logprobs(
             hidden, weight, targets, bias, ignore_index=self.ignore_index, shift=shift,
-            temperature=self.temperature, softcap=self.softcap, backend=self.backend,
-            deterministic=self.deterministic,
+            temperature=self.temperature, softcap=self.softcap, logit_scale=self.logit_scale,
+            backend=self.backend, deterministic=self.deterministic,
         )  # fmt: skip
 
     def _head_logps(
@@ -169,7 +175,7 @@ class FusedLinearLoss(nn.Module):
         return fused_policy_loss(
             hidden, weight, targets, bias, loss, groups=make_groups(), chunk_loss=chunk_loss,
             ignore_index=self.ignore_index, shift=shift, temperature=self.temperature, softcap=self.softcap,
-            names=POLICY_HEAD,
+            logit_scale=self.logit_scale, backend=self.backend, names=POLICY_HEAD,
         )  # fmt: skip
 
     def _reference(
@@ -243,6 +249,8 @@ class FusedLinearLoss(nn.Module):
             opts.append(f"temperature={self.temperature}")
         if self.softcap is not None:
             opts.append(f"softcap={self.softcap}")
+        if self.logit_scale != 1.0:
+            opts.append(f"logit_scale={self.logit_scale}")
         return ", ".join(opts)
 
 

@@ -21,9 +21,11 @@ reference and the detached reference points (KTO's ``z``, FactAlign's ``z_fg``, 
 before the policy's first chunk.
 
 ``g`` of a chunk is the gradient of the loss evaluated on the whole batch's per-token log-probs with the rows of
-later chunks held at 0; it is exact because the loss is a sum over groups (no term couples two groups). The
-logits math is the PyTorch twin's (``prefuse.kernels.linear_logprobs.torch_twin``); the chunk budget is its
-``chunk_rows`` (a group larger than the budget is a chunk alone: the path then holds that group's logits).
+later chunks held at 0; it is exact because the loss is a sum over groups (no term couples two groups). The GEMMs,
+the two passes over the logits (Triton on CUDA, PyTorch elsewhere) and the chunk size are the op's chunked
+backend's (``prefuse.kernels.linear_logprobs.chunked``), so ``logit_scale``, ``softcap``, ``temperature``, a bias
+and a frozen head mean what they mean for ``linear_logprobs``; a group larger than a chunk is a chunk alone (the
+path then holds that group's logits).
 Extra memory: the fp32 gradient buffers (``dH`` as large as the policy's hidden states, ``dW`` as the head), held
 from the forward to the backward, and O(tokens) besides.
 
@@ -52,7 +54,8 @@ from collections.abc import Callable
 
 import torch
 from prefuse.alignment.output import LossOutput
-from prefuse.kernels.linear_logprobs import torch_twin
+from prefuse.kernels.linear_logprobs import chunked, torch_twin
+from prefuse.kernels.linear_logprobs.op import _resolve_backend
 from prefuse.kernels.linear_logprobs.validate import validate_arguments, validate_targets
 from torch import Tensor
 
@@ -108,19 +111,6 @@ def _chunks(groups: Tensor, tokens: Tensor, budget: int) -> list[Tensor]:
     return chunks
 
 
-def _logit_gradient(
-    z: Tensor, lse: Tensor, target: Tensor, g: Tensor, t: Tensor | None, inv_temperature: float
-) -> Tensor:
-    """``dl = g (onehot(target) - softmax(z)) · inv_T · (1 - t²)`` (the last factor with a softcap, ``t`` being
-    ``tanh(l / c)``), built in ``z``'s buffer."""
-    dl = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])
-    dl.scatter_add_(1, target[:, None], g[:, None])
-    dl.mul_(inv_temperature)
-    if t is not None:
-        dl.mul_(t.square_().neg_().add_(1.0))
-    return dl
-
-
 def _logps_gradient(
     chunk_loss: Callable[[Tensor], Tensor], tok: Tensor, flat: Tensor, logp: Tensor
 ) -> Tensor:
@@ -134,6 +124,15 @@ def _logps_gradient(
     return torch.zeros_like(logp) if grad is None else grad.float()
 
 
+def _passes(backend: str) -> chunked.Passes:
+    """The chunk passes of the resolved ``backend``: Triton (``"chunked"``) or PyTorch (``"torch"``)."""
+    if backend == "chunked":
+        from prefuse.kernels.linear_logprobs import chunked_triton
+
+        return chunked_triton.PASSES
+    return torch_twin.PASSES
+
+
 def _fused_pass(
     hidden2d: Tensor,
     weight: Tensor,
@@ -144,40 +143,52 @@ def _fused_pass(
     groups: Tensor,
     chunk_loss: Callable[[Tensor], Tensor],
     *,
+    passes: chunked.Passes,
     softcap: float | None,
     inv_temperature: float,
+    logit_scale: float,
     needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
     """Per-token log-probs ``(rows, L)`` (0.0 where not scored) and the gradients of ``hidden2d``, ``weight``,
-    ``bias`` (None where not needed). ``source[p]`` is the hidden row of output position ``p``."""
+    ``bias`` (None where not needed). ``source[p]`` is the hidden row of output position ``p``.
+
+    The GEMMs and the two passes are the op's chunked backend's (``chunked._Gemms``: fp32 accumulation, half
+    precision operands on CUDA; ``passes.forward_pass`` / ``grad_pass``); the PyTorch forward pass works in place
+    of the logits, so it gets a copy: the gradient pass needs them raw."""
     rows, length = targets.shape
     device = hidden2d.device
     tok = torch.zeros(rows, length, dtype=torch.float32, device=device)
-    w, b = torch_twin._compute_weights(weight, bias)
+    gemms = chunked._Gemms(weight)
+    b = bias.float() if bias is not None else None
+    options = {"softcap": softcap, "inv_temperature": inv_temperature, "logit_scale": logit_scale}
     need_hidden, need_weight, need_bias = needs
     grad_h = torch.zeros(hidden2d.shape, dtype=torch.float32, device=device) if need_hidden else None
-    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=device) if need_weight else None
-    grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=device) if need_bias else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_weight else None
+    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=device) if need_bias else None
     positions = torch.arange(rows * length, device=device).view(rows, length)
-    budget = torch_twin.chunk_rows(weight.shape[0], softcap)
+    budget = chunked.chunk_rows(weight.shape[0], device)
     for chunk in _chunks(groups, scored.sum(-1), budget):
         flat = positions[chunk][scored[chunk]]
         if flat.numel() == 0:
             continue
         src, target = source[flat], targets.reshape(-1)[flat]
-        h = hidden2d.index_select(0, src).float()
-        z, t = torch_twin._scaled_logits(h, w, b, softcap, inv_temperature)
-        lse = torch.logsumexp(z, dim=-1)
-        logp = z.gather(1, target[:, None]).squeeze(1) - lse
-        logp = torch.where(h.isfinite().all(-1), logp, torch.nan)  # the op's rule for a non-finite hidden row
+        h_raw = hidden2d.index_select(0, src)
+        h = gemms.operand(h_raw)
+        logits = gemms.mm(h, gemms.weight.T)
+        logp, lse = torch.empty(2, flat.numel(), dtype=torch.float32, device=device)
+        in_place = passes is torch_twin.PASSES
+        passes.forward_pass(logits.clone() if in_place else logits, b, target, logp, lse, None, **options)
+        logp = torch.where(h_raw.isfinite().all(-1), logp, torch.nan)  # the op's rule for a non-finite row
         g = _logps_gradient(chunk_loss, tok, flat, logp)
-        dl = _logit_gradient(z, lse, target, g, t, inv_temperature)
+        dl, _ = passes.grad_pass(
+            logits, b, target, lse, None, g, None, **options, out_dtype=gemms.dtype, filter_block=None
+        )
         if grad_h is not None:
-            grad_h.index_copy_(0, src, dl @ w)
+            grad_h.index_copy_(0, src, gemms.mm(dl, gemms.weight))
         if grad_w is not None:
-            grad_w.addmm_(dl.T, h)
+            gemms.addmm_(grad_w, dl.T, h)
         if grad_b is not None:
-            grad_b.add_(dl.sum(0))
+            grad_b.add_(dl.sum(0, dtype=torch.float32))
     return tok, (
         grad_h.to(hidden2d.dtype) if grad_h is not None else None,
         grad_w.to(weight.dtype) if grad_w is not None else None,
@@ -216,6 +227,8 @@ def fused_policy_loss(
     shift: bool = True,
     temperature: float = 1.0,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
+    backend: str = "auto",
     names: str = "hidden, weight, bias, targets",
 ) -> LossOutput:
     """``loss(logp)`` on the policy's per-token log-probs ``logp = linear_logprobs(hidden, weight, targets, bias,
@@ -231,13 +244,22 @@ def fused_policy_loss(
         chunk_loss: the scalar loss the chunks' gradients are taken of (default: ``loss(...).loss``), for a
             ``loss`` that must not run once per chunk (one that all-reduces a reference point: ``chunk_loss`` uses
             the point computed beforehand).
+        ignore_index, shift, temperature, softcap, logit_scale: as ``linear_logprobs``.
+        backend: ``"auto"`` (the Triton passes on CUDA, PyTorch elsewhere), ``"chunked"`` or ``"torch"`` (the
+            op's backend of the same name supplies the passes); ``"triton"`` has no loss-fused form.
         names: the arguments named in a ``ValueError`` about the head.
 
     Returns:
         ``LossOutput`` whose ``loss`` carries the stored gradients (module docstring); ``metrics`` from ``loss``.
     """
+    if backend == "triton":
+        raise ValueError("backend='triton' has no loss-fused form: use 'auto', 'chunked' or 'torch'")
     try:
-        validate_arguments(hidden, weight, targets, bias, ignore_index, shift, temperature, softcap, "torch")
+        validate_arguments(
+            hidden, weight, targets, bias, ignore_index, shift, temperature, softcap, backend,
+            logit_scale=logit_scale,
+        )  # fmt: skip
+        backend = _resolve_backend(backend, hidden.device)
         if hidden.dim() != 3:
             raise ValueError(f"hidden must have shape (rows, T, D), got {tuple(hidden.shape)}")
         scored_targets = (targets[:, 1:] if shift else targets).long()
@@ -270,8 +292,10 @@ def fused_policy_loss(
             scored,
             groups,
             chunk_loss,
-            softcap=softcap,
+            passes=_passes(backend),
+            softcap=None if softcap is None else float(softcap),
             inv_temperature=1.0 / float(temperature),
+            logit_scale=float(logit_scale),
             needs=needs,
         )
         out = loss(tok)
