@@ -22,7 +22,8 @@ class CPOLoss(ReferenceFreePairedLoss):
         label_smoothing: ε.
         nll_weight: weight of the NLL term (1 in the paper, TRL and Liger).
         average_log_prob: use per-token averages instead of sums (Liger's option of the same name).
-        **options: ``ignore_index``, ``temperature``, ``softcap``, ``backend``, ``deterministic``.
+        **options: ``FusedLinearLoss``'s ``ignore_index``, ``temperature``, ``softcap``, ``logit_scale``,
+            ``backend``, ``deterministic``, ``path``.
     """
 
     def __init__(

@@ -26,7 +26,8 @@ class DPOLoss(PairedLoss):
         label_smoothing: ε for ``sigmoid`` (cDPO), ``robust`` and ``exo_pair``.
         nll_weight: weight of the chosen-token NLL (RPO's α).
         discopop_tau: DiscoPOP's temperature τ.
-        **options: ``ignore_index``, ``temperature``, ``softcap``, ``backend``, ``deterministic``.
+        **options: ``FusedLinearLoss``'s ``ignore_index``, ``temperature``, ``softcap``, ``logit_scale``,
+            ``backend``, ``deterministic``, ``path``.
 
     ``forward`` returns ``LossOutput`` with ``rewards/{chosen,rejected,accuracies,margins}``,
     ``logps/{chosen,rejected}`` and ``nll_loss``.

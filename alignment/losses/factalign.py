@@ -27,7 +27,8 @@ class FactAlignLoss(KTOLoss):
         fg_beta, fg_desirable_weight, fg_undesirable_weight: sentence-level β, λD, λU (λU = 4 by default, as
             the released FactAlign model).
         loss_weight, fg_loss_weight: weights of the two terms.
-        **options: ``ignore_index``, ``temperature``, ``softcap``, ``backend``, ``deterministic``.
+        **options: ``FusedLinearLoss``'s ``ignore_index``, ``temperature``, ``softcap``, ``logit_scale``,
+            ``backend``, ``deterministic``, ``path``.
     """
 
     def __init__(

@@ -17,7 +17,8 @@ class GPOLoss(PairedLoss):
     Args:
         beta: β (0.001 for the released GPO model).
         clamp: None, a bound ``c`` (targets clamped to ``[-c, c]``) or ``(low, high)``.
-        **options: ``ignore_index``, ``temperature``, ``softcap``, ``backend``, ``deterministic``.
+        **options: ``FusedLinearLoss``'s ``ignore_index``, ``temperature``, ``softcap``, ``logit_scale``,
+            ``backend``, ``deterministic``, ``path``.
     """
 
     def __init__(

@@ -22,7 +22,8 @@ class KTOLoss(FusedLinearLoss):
     Args:
         beta: β.
         desirable_weight, undesirable_weight: λD, λU.
-        **options: ``ignore_index``, ``temperature``, ``softcap``, ``backend``, ``deterministic``.
+        **options: ``FusedLinearLoss``'s ``ignore_index``, ``temperature``, ``softcap``, ``logit_scale``,
+            ``backend``, ``deterministic``, ``path``.
     """
 
     def __init__(

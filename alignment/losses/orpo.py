@@ -21,7 +21,8 @@ class ORPOLoss(ReferenceFreePairedLoss):
     Args:
         beta: β (the paper's λ).
         nll_weight: weight of the SFT / NLL term (1 in the paper and in Liger).
-        **options: ``ignore_index``, ``temperature``, ``softcap``, ``backend``, ``deterministic``.
+        **options: ``FusedLinearLoss``'s ``ignore_index``, ``temperature``, ``softcap``, ``logit_scale``,
+            ``backend``, ``deterministic``, ``path``.
     """
 
     def __init__(self, beta: float = 0.1, nll_weight: float = 1.0, **options) -> None:

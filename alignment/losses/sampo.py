@@ -38,7 +38,8 @@ class SamPOLoss(PairedLoss):
         nll_weight: weight of the chosen-token NLL over all chosen completion tokens.
         independent_ref_sample: compatibility with the authors' code (the reference draws its own sample);
             the default shares the sample, as the paper does.
-        **options: ``ignore_index``, ``temperature``, ``softcap``, ``backend``, ``deterministic``.
+        **options: ``FusedLinearLoss``'s ``ignore_index``, ``temperature``, ``softcap``, ``logit_scale``,
+            ``backend``, ``deterministic``, ``path``.
     """
 
     def __init__(

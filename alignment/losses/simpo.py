@@ -21,7 +21,8 @@ class SimPOLoss(ReferenceFreePairedLoss):
         beta, gamma: β and the target margin γ.
         label_smoothing: ε.
         nll_weight: weight of the chosen-token NLL (Liger's ``alpha``).
-        **options: ``ignore_index``, ``temperature``, ``softcap``, ``backend``, ``deterministic``.
+        **options: ``FusedLinearLoss``'s ``ignore_index``, ``temperature``, ``softcap``, ``logit_scale``,
+            ``backend``, ``deterministic``, ``path``.
     """
 
     def __init__(

@@ -16,7 +16,8 @@ class SPPOLoss(PairedLoss):
 
     Args:
         beta: β (the released SPPO models use η = 1000, i.e. β = 0.001).
-        **options: ``ignore_index``, ``temperature``, ``softcap``, ``backend``, ``deterministic``.
+        **options: ``FusedLinearLoss``'s ``ignore_index``, ``temperature``, ``softcap``, ``logit_scale``,
+            ``backend``, ``deterministic``, ``path``.
     """
 
     def __init__(self, beta: float = 0.001, **options) -> None:
