@@ -7,7 +7,7 @@ every loss here is a sum of per-group terms (a pair, a row) whose weights come f
 size, token counts, sentence counts): a group's gradient is known as soon as its own log-probs are. So the
 loss-fused path walks the policy's rows in chunks of whole groups and, per chunk ``c`` of scored tokens::
 
-    z = softcap(H_c Wᵀ + b) / T                          GEMM 1 (the chunk's logits, fp32)
+    z = softcap(s (H_c Wᵀ + b)) / T                      GEMM 1 (the chunk's logits, fp32 accumulation)
     logp_t = z_t[y_t] - logsumexp(z_t)                   per-token log-probs
     g_t = ∂loss/∂logp_t                                  autograd on the loss of the per-token log-probs
     dl = g (onehot(y) - softmax(z)) dz/dl                in the logits' buffer
@@ -22,12 +22,13 @@ before the policy's first chunk.
 
 ``g`` of a chunk is the gradient of the loss evaluated on the whole batch's per-token log-probs with the rows of
 later chunks held at 0; it is exact because the loss is a sum over groups (no term couples two groups). The GEMMs,
-the two passes over the logits (Triton on CUDA, PyTorch elsewhere) and the chunk size are the op's chunked
-backend's (``prefuse.kernels.linear_logprobs.chunked``), so ``logit_scale``, ``softcap``, ``temperature``, a bias
-and a frozen head mean what they mean for ``linear_logprobs``; a group larger than a chunk is a chunk alone (the
-path then holds that group's logits).
-Extra memory: the fp32 gradient buffers (``dH`` as large as the policy's hidden states, ``dW`` as the head), held
-from the forward to the backward, and O(tokens) besides.
+the two passes over the logits (with ``backend="auto"``: Triton on CUDA, PyTorch elsewhere) and the chunk size are
+the op's chunked backend's (``prefuse.kernels.linear_logprobs.chunked``), so ``logit_scale`` (``s``),
+``softcap``, ``temperature`` (``T``), a bias and a frozen head mean what they mean for ``linear_logprobs``; a
+group larger than a chunk is a chunk alone (the path then holds that group's logits). Extra memory: fp32
+accumulators for ``dH`` (the policy's hidden states' size) and ``dW`` (the head's) during the forward, kept in
+the input dtype until the backward, and O(tokens) besides. The chunk plan reads the per-row token counts once (a
+host sync on CUDA), so the path is eager-only (not CUDA-graph capturable).
 
 Path choice (the loss modules' ``path`` option): ``"auto"`` takes this path when the loss supports it, a
 gradient is needed (grad mode on, and hidden, weight or bias requires grad) and ``backend`` is not
