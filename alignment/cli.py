@@ -239,6 +239,12 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _times(theirs: float, ours: float, better: str, worse: str) -> str:
+    """``"2.31x faster"`` / ``"1.86x slower"``: prefuse's ``ours`` against ``theirs`` (smaller is better)."""
+    theirs, ours = max(theirs, 1e-12), max(ours, 1e-12)
+    return f"{theirs / ours:.2f}x {better}" if theirs >= ours else f"{ours / theirs:.2f}x {worse}"
+
+
 def compare_heads(trainer, opts) -> dict:
     """The head comparison on the trained policy's hidden states of the first test batch (module docstring)."""
     import torch
@@ -284,12 +290,9 @@ def compare_heads(trainer, opts) -> dict:
     for name in ("trl", "naive"):
         if name in heads:
             other = heads[name]
-            memory = other["peak_growth_bytes"] / max(fused["peak_growth_bytes"], 1)
-            speed = other["seconds_per_step"] / max(fused["seconds_per_step"], 1e-9)
-            print(
-                f"  prefuse vs {hc.HEAD_NAMES[name]}: {memory:.1f}x less peak memory, {speed:.2f}x "
-                f"{'faster' if speed >= 1 else 'slower'} per step"
-            )
+            memory = _times(other["peak_growth_bytes"], fused["peak_growth_bytes"], "less", "more")
+            speed = _times(other["seconds_per_step"], fused["seconds_per_step"], "faster", "slower")
+            print(f"  prefuse vs {hc.HEAD_NAMES[name]}: {memory} peak memory, {speed} per step")
     print(
         f"  (memory: {fused['memory_measure']} growth over the steps; time: the fastest of steps "
         f"2..{opts.compare_steps}, robust to a busy machine)"
