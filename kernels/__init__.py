@@ -1,4 +1,9 @@
-"""prefuse.kernels: fused Triton kernels with a pure-PyTorch twin for each."""
+"""prefuse.kernels: fused Triton kernels with a pure-PyTorch twin for each.
+
+``linear_logprobs`` (per-token log-probs of a linear lm-head, optionally with ``TokenOutputs``: entropy,
+``log sum p^2``, mean logit, is-top-1) and ``vocab_parallel_linear_logprobs`` (the same over a vocabulary-sharded
+head).
+"""
 
 if __name__ != "prefuse.kernels":
     # The repository root is on sys.path (a script or `python -c` run from a checkout) and something imported the
@@ -26,6 +31,6 @@ if __name__ != "prefuse.kernels":
 
     _step_aside(__name__, _os.path.dirname(_os.path.abspath(__file__)))
 else:
-    from prefuse.kernels.linear_logprobs import linear_logprobs, vocab_parallel_linear_logprobs
+    from prefuse.kernels.linear_logprobs import TokenOutputs, linear_logprobs, vocab_parallel_linear_logprobs
 
-    __all__ = ["linear_logprobs", "vocab_parallel_linear_logprobs"]
+    __all__ = ["TokenOutputs", "linear_logprobs", "vocab_parallel_linear_logprobs"]
