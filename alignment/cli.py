@@ -166,7 +166,7 @@ def build_job(opts, trainer_dir: str):
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
-    device = "cuda" if opts.device == "auto" and torch.cuda.is_available() else opts.device
+    device = opts.device if opts.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = build_tokenizer()
     vocab = max(opts.vocab_size, len(tokenizer))
     config = LlamaConfig(
@@ -193,8 +193,8 @@ def build_job(opts, trainer_dir: str):
         per_device_eval_batch_size=rows, max_steps=opts.steps, learning_rate=opts.lr,
         lr_scheduler_type="constant_with_warmup", warmup_steps=min(10, opts.steps // 10), weight_decay=0.0,
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
-        use_cpu=device == "cpu", dataloader_pin_memory=device != "cpu", seed=opts.seed, data_seed=opts.seed, max_length=opts.max_length,
-        max_prompt_length=opts.max_length // 2, dataloader_num_workers=0,
+        use_cpu=device == "cpu", dataloader_pin_memory=device != "cpu", seed=opts.seed, data_seed=opts.seed,
+        max_length=opts.max_length, max_prompt_length=opts.max_length // 2, dataloader_num_workers=0,
     )  # fmt: skip
     trainer = PreferenceTrainer(
         model,
