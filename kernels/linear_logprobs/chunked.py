@@ -83,10 +83,10 @@ def _chunks(n: int, vocab: int, device: torch.device):
 
 
 @functools.cache
-def _has_fp32_out_mm(device_type: str) -> bool:
-    """Whether ``torch.mm(..., out_dtype=torch.float32)`` runs for half-precision inputs on this device type."""
+def _has_fp32_out_mm(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(..., out_dtype=torch.float32)`` runs for ``dtype`` inputs on this device type."""
     try:
-        a = torch.zeros(1, 1, dtype=torch.bfloat16, device=device_type)
+        a = torch.zeros(1, 1, dtype=dtype, device=device_type)
         torch.mm(a, a, out_dtype=torch.float32)
     except (RuntimeError, TypeError, NotImplementedError):
         return False
@@ -98,7 +98,7 @@ class _Gemms:
 
     def __init__(self, weight: Tensor):
         half = weight.dtype != torch.float32
-        self.mixed = half and _has_fp32_out_mm(weight.device.type)
+        self.mixed = half and _has_fp32_out_mm(weight.device.type, weight.dtype)
         self.weight = weight if (self.mixed or not half) else weight.float()
         self.dtype = self.weight.dtype  # the operand dtype, also the dtype of dl
 
