@@ -74,9 +74,11 @@ class TokenOutputs(NamedTuple):
     """bool: the target is the first argmax of ``z``."""
 
 
-def _triton_module_accepts_v2(function: Callable) -> bool:
-    """Whether a first-wave Triton launcher takes the backend interface's ``logit_scale`` keyword."""
-    return "logit_scale" in inspect.signature(function).parameters
+def _triton_is_v1() -> bool:
+    """Whether the installed ``triton_fwd`` launcher predates the backend interface (no ``logit_scale``)."""
+    from prefuse.kernels.linear_logprobs import triton_fwd
+
+    return "logit_scale" not in inspect.signature(triton_fwd.forward).parameters
 
 
 def _forward_impl(backend: str) -> Callable:
@@ -132,7 +134,7 @@ def _call_forward(backend, hidden2d, weight, bias, rows, targets, n_valid, softc
                   with_stats):  # fmt: skip
     impl = _forward_impl(backend)
     with torch.autocast(hidden2d.device.type, enabled=False):
-        if backend == "triton" and not _triton_module_accepts_v2(impl):
+        if backend == "triton" and _triton_is_v1():
             if with_stats or logit_scale != 1.0:
                 raise ValueError(
                     "backend='triton' of this installation takes neither outputs nor logit_scale"
@@ -150,7 +152,7 @@ def _call_backward(backend, hidden2d, weight, bias, rows, targets, n_valid, lse,
                    options):  # fmt: skip
     impl = _backward_impl(backend)
     with torch.autocast(hidden2d.device.type, enabled=False):
-        if backend == "triton" and not _triton_module_accepts_v2(impl):
+        if backend == "triton" and _triton_is_v1():
             return impl(hidden2d, weight, bias, rows, targets, n_valid, lse, grad_logp, softcap=options["softcap"],
                         inv_temperature=options["inv_temperature"], need_hidden=options["need_hidden"],
                         need_weight=options["need_weight"], need_bias=options["need_bias"],
