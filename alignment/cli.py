@@ -310,6 +310,10 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["self-play"]:
+        from prefuse.alignment.selfplay.cli import main as self_play
+
+        return self_play(argv[1:])
     opts = build_parser().parse_args(argv)
     if opts.measure:
         print(json.dumps(measure(opts)))
