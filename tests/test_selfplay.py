@@ -44,15 +44,18 @@ def tokenizer():
 
 
 PROMPTS = ["What is 7 plus 2?", "What colour is snow?", "How many legs does a cat have?"]
-GROUPS = [["7 plus 2 is 9.", "Whatever. It is 10.", "Sure! 9.", "No idea."],
-          ["Snow is white.", "Snow is blue.", "White, of course.", "Ugh, okay. Black."],
-          ["A cat has 4 legs.", "A cat has 3 legs.", "Four.", "Not sure, honestly."]]
+GROUPS = [
+    ["7 plus 2 is 9.", "Whatever. It is 10.", "Sure! 9.", "No idea."],
+    ["Snow is white.", "Snow is blue.", "White, of course.", "Ugh, okay. Black."],
+    ["A cat has 4 legs.", "A cat has 3 legs.", "Four.", "Not sure, honestly."],
+]
 
 
 # ---------------------------------------------------------------------------------------------- estimates
 def test_win_rates_hand_made_table():
-    expected = torch.tensor([(0.5 + 0.8 + 0.6) / 3, (0.2 + 0.5 + 0.3) / 3, (0.4 + 0.7 + 0.5) / 3],
-                            dtype=torch.float64)
+    expected = torch.tensor(
+        [(0.5 + 0.8 + 0.6) / 3, (0.2 + 0.5 + 0.3) / 3, (0.4 + 0.7 + 0.5) / 3], dtype=torch.float64
+    )
     torch.testing.assert_close(win_rates(TABLE), expected)
     torch.testing.assert_close(win_rates(TABLE.expand(2, 3, 3)), expected.expand(2, 3))
     assert select_pair(win_rates(TABLE)) == (0, 1)
@@ -75,14 +78,18 @@ def test_preference_rows_select_as_sppo_and_gpo():
     assert row["p_chosen"] == pytest.approx(1.9 / 3) and row["p_rejected"] == pytest.approx(1.0 / 3)
     assert row["p_chosen_over_rejected"] == pytest.approx(0.8)
     means = preference_scores(scores)
-    assert row["s_chosen"] == pytest.approx(float(means[0])) and row["s_rejected"] == pytest.approx(float(means[1]))
+    assert row["s_chosen"] == pytest.approx(float(means[0])) and row["s_rejected"] == pytest.approx(
+        float(means[1])
+    )
     # GPO picks by the mean score, which can disagree with the mean probability
     s = torch.tensor([[0.0, 0.1, 0.1], [-0.1, 0.0, 3.0], [-0.1, -3.0, 0.0]])
     (gpo,) = preference_rows(["p"], [RESPONSES], s[None], torch.sigmoid(s)[None], method="gpo")
     assert (gpo["chosen"], gpo["rejected"]) == ("second", "third")
     assert gpo["s_chosen"] == pytest.approx(2.9 / 3) and gpo["s_rejected"] == pytest.approx(-3.1 / 3)
     # a blank chosen/rejected response drops the prompt (the trainer rejects blank completions)
-    assert preference_rows(["p"], [["first", " ", "x"]], scores[None], probabilities[None], method="sppo") == []
+    assert (
+        preference_rows(["p"], [["first", " ", "x"]], scores[None], probabilities[None], method="sppo") == []
+    )
 
 
 def test_estimates_reject_bad_input():
@@ -127,7 +134,9 @@ def test_gpm_scores_skew_symmetric_and_direct_formula(tokenizer):
     with torch.no_grad():
         for n, (prompt, group) in enumerate(zip(PROMPTS, GROUPS)):
             v = torch.stack([gpm.embed([prompt], [y])[0] for y in group]).double()
-            direct = torch.tensor([[float(v[i] @ r @ v[j]) for j in range(4)] for i in range(4)], dtype=torch.float64)
+            direct = torch.tensor(
+                [[float(v[i] @ r @ v[j]) for j in range(4)] for i in range(4)], dtype=torch.float64
+            )
             torch.testing.assert_close(scores[n].double(), direct, atol=1e-5, rtol=0)
     assert scores.abs().max() > 1e-3  # the comparison is not between zeros
     p = gpm.probability_batch(PROMPTS, GROUPS)
@@ -250,7 +259,8 @@ def _run(tmp, tokenizer, method, *, fail=None):
             from prefuse.alignment.trainer import PreferenceTrainer
 
             def boom(self, *args, **kwargs):
-                if "policy" not in self.args.output_dir and f"iter{at - 1}" in self.args.output_dir:
+                # run_iterations names its rounds iter0, iter1, ... within this call
+                if self.args.output_dir.endswith(f"iter{at - 1}"):
                     raise RuntimeError("killed while training")
                 return original_loss(self, *args, **kwargs)
 
@@ -264,8 +274,14 @@ def _run(tmp, tokenizer, method, *, fail=None):
 
     loop_module.generate_responses = counting
     try:
-        result = run_self_play(policy, tokenizer, preference, bundled_prompts()[:6], config,
-                               eval_prompts=bundled_prompts("test")[:2])
+        result = run_self_play(
+            policy,
+            tokenizer,
+            preference,
+            bundled_prompts()[:6],
+            config,
+            eval_prompts=bundled_prompts("test")[:2],
+        )
     finally:
         loop_module.generate_responses = real_generate
         if fail is not None and fail[0] == "train":
@@ -287,18 +303,23 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tokenizer, tmp_path, met
     assert calls == ["iter 2 eval"]  # nothing finished before the kill is sampled again
     assert resumed.report == whole.report
     for part in ("iter1/scored/pairs", "iter2/scored/pairs", "iter2/eval"):
-        assert load_from_disk(str(tmp_path / "cut" / part)).to_list() == load_from_disk(
-            str(tmp_path / "whole" / part)).to_list()
+        assert (
+            load_from_disk(str(tmp_path / "cut" / part)).to_list()
+            == load_from_disk(str(tmp_path / "whole" / part)).to_list()
+        )
     whole_state, resumed_state = whole.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(whole_state[k], resumed_state[k]) for k in whole_state)
     # the run trained: the final policy differs from the initial one
     initial = tiny_policy(tokenizer, seed=0).state_dict()
     assert any(not torch.equal(initial[k], whole_state[k].cpu()) for k in initial)
     report = json.loads((tmp_path / "whole" / "report.json").read_text())["iterations"]
-    assert [e["iteration"] for e in report] == [0, 1, 2] and (tmp_path / "whole" / "report.png").stat().st_size
+    assert [e["iteration"] for e in report] == [0, 1, 2] and (
+        tmp_path / "whole" / "report.png"
+    ).stat().st_size
     pairs = load_from_disk(str(tmp_path / "whole" / "iter1" / "scored" / "pairs"))
     assert {"prompt", "chosen", "rejected", "p_chosen", "p_rejected", "s_chosen", "s_rejected"} <= set(
-        pairs.column_names)
+        pairs.column_names
+    )
     assert len(pairs) == 3  # split protocol: half of the six prompts per round
 
 
@@ -316,9 +337,19 @@ def test_config_rejects_bad_options(tmp_path):
 @pytest.mark.parametrize("method", ["sppo", "gpo"])
 def test_cli_end_to_end(tmp_path, method):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "prefuse.alignment.cli", "self-play", "--method", method, "--iterations", "2",
-           "--prompts", "6", "--samples", "3", "--max-new-tokens", "6", "--fit-steps", "2", "--eval-prompts", "2",
-           "--eval-samples", "1", "--output-dir", str(out), "--no-progress"]
+    options = (
+        f"--method {method} --iterations 2 --prompts 6 --samples 3 --max-new-tokens 6 --fit-steps 2 "
+        "--warmup-steps 2 --eval-prompts 2 --eval-samples 1 --no-progress"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "prefuse.alignment.cli",
+        "self-play",
+        *options.split(),
+        "--output-dir",
+        str(out),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "win rate vs initial" in done.stdout
@@ -330,3 +361,18 @@ def test_cli_end_to_end(tmp_path, method):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "report.json").read_text())["iterations"] == report  # all stages found on disk
+
+
+def test_default_warm_up_and_fit_learn_the_bundled_data(tokenizer):
+    from prefuse.alignment.data import read_records
+    from prefuse.alignment.selfplay.default import fit_preference_model, warm_up_policy
+
+    records = [r for r in read_records() if r["split"] == "train"]
+    policy = tiny_policy(tokenizer, seed=2)
+    losses = warm_up_policy(policy, tokenizer, records, steps=12, batch_size=4, lr=5e-3, progress=False)
+    assert sum(losses[-3:]) < sum(losses[:3])
+    gpm = tiny_preference_model("gpm", tokenizer, seed=2)
+    losses = fit_preference_model(gpm, records, steps=12, batch_size=4, progress=False)
+    assert sum(losses[-3:]) < sum(losses[:3])
+    with pytest.raises(ValueError, match="kind"):
+        tiny_preference_model("reward", tokenizer)

@@ -14,14 +14,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefuse self-play",
         description="Self-play preference optimisation (SPPO / GPO): sample K responses per prompt from the policy, "
-                    "score every pair with a preference model, train on the estimated win rates / scores with the "
-                    "previous policy as reference, repeat. Resumable: rerun the same command after a kill.",
+        "score every pair with a preference model, train on the estimated win rates / scores with the "
+        "previous policy as reference, repeat. Resumable: rerun the same command after a kill.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--method", choices=("sppo", "gpo"), default="sppo", help="loss and estimate")
     parser.add_argument("--iterations", type=int, default=2, help="self-play rounds")
-    parser.add_argument("--protocol", choices=("split", "reuse"), default="split",
-                        help="split: a new part of the prompts per round; reuse: all prompts every round")
+    parser.add_argument(
+        "--protocol",
+        choices=("split", "reuse"),
+        default="split",
+        help="split: a new part of the prompts per round; reuse: all prompts every round",
+    )
     parser.add_argument("--prompts", type=int, default=24, help="bundled training prompts used (all rounds)")
     parser.add_argument("--prompts-file", default=None, help="a text file of prompts, one per line (instead)")
     parser.add_argument("--samples", type=int, default=4, help="K responses per prompt")
@@ -29,24 +33,57 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--generation-batch-size", type=int, default=8, help="prompts per generate call")
-    parser.add_argument("--backend", choices=("transformers", "vllm"), default="transformers",
-                        help="generation backend (vllm: needs the vllm package and --policy)")
+    parser.add_argument(
+        "--backend",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="generation backend (vllm: needs the vllm package and --policy)",
+    )
     parser.add_argument("--eval-prompts", type=int, default=8, help="held-out bundled prompts of the report")
     parser.add_argument("--eval-samples", type=int, default=2, help="responses per evaluation prompt")
-    parser.add_argument("--policy", default=None, help="initial policy: a Hugging Face causal-LM folder "
-                                                       "(default: a tiny Llama built from a config)")
-    parser.add_argument("--preference", choices=("ranker", "gpm"), default=None,
-                        help="preference model kind (default: ranker for sppo, gpm for gpo)")
-    parser.add_argument("--preference-path", default=None,
-                        help="a Hugging Face folder of the preference model (default: a tiny one built from a "
-                             "config and fitted on the bundled pairs)")
-    parser.add_argument("--preference-callable", default=None,
-                        help="module:function returning a (K, K) table of P(i≻j) for (prompt, responses)")
-    parser.add_argument("--fit-steps", type=int, default=20, help="fitting steps of the tiny preference model")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow remote code when loading models")
-    parser.add_argument("--beta", type=float, default=None,
-                        help="β (default 0.1 for the tiny policy; the method's 0.001 for --policy)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 tiny, 5e-7 --policy)")
+    parser.add_argument(
+        "--policy",
+        default=None,
+        help="initial policy: a Hugging Face causal-LM folder (default: a tiny Llama built from a config)",
+    )
+    parser.add_argument(
+        "--preference",
+        choices=("ranker", "gpm"),
+        default=None,
+        help="preference model kind (default: ranker for sppo, gpm for gpo)",
+    )
+    parser.add_argument(
+        "--preference-path",
+        default=None,
+        help="a Hugging Face folder of the preference model (default: a tiny one built from a "
+        "config and fitted on the bundled pairs)",
+    )
+    parser.add_argument(
+        "--preference-callable",
+        default=None,
+        help="module:function returning a (K, K) table of P(i≻j) for (prompt, responses)",
+    )
+    parser.add_argument(
+        "--fit-steps", type=int, default=20, help="fitting steps of the tiny preference model"
+    )
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=60,
+        help="supervised warm-up steps of the tiny policy on the bundled answers",
+    )
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow remote code when loading models"
+    )
+    parser.add_argument(
+        "--beta",
+        type=float,
+        default=None,
+        help="β (default 0.1 for the tiny policy; the method's 0.001 for --policy)",
+    )
+    parser.add_argument(
+        "--lr", type=float, default=None, help="learning rate (default 1e-3 tiny, 5e-7 --policy)"
+    )
     parser.add_argument("--epochs", type=float, default=1.0, help="training epochs per round")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per training step")
     parser.add_argument("--max-length", type=int, default=256, help="max prompt+response tokens in training")
@@ -84,6 +121,7 @@ def build(opts):
         fit_preference_model,
         tiny_policy,
         tiny_preference_model,
+        warm_up_policy,
     )
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device
@@ -98,7 +136,17 @@ def build(opts):
         policy = AutoModelForCausalLM.from_pretrained(opts.policy, trust_remote_code=remote)
     else:
         tokenizer = build_tokenizer()
-        policy = tiny_policy(tokenizer, seed=opts.seed)
+        policy = tiny_policy(tokenizer, seed=opts.seed).to(device)
+        warm_up_policy(
+            policy,
+            tokenizer,
+            [r for r in read_records() if r["split"] == "train"],
+            steps=opts.warmup_steps,
+            batch_size=8,
+            lr=5e-3,
+            seed=opts.seed,
+            progress=not opts.no_progress,
+        )
     policy.to(device)
     if opts.preference_callable is not None:
         preference = CallablePreference(load_callable(opts.preference_callable))
@@ -110,8 +158,14 @@ def build(opts):
         preference = tiny_preference_model(kind, build_tokenizer(), seed=opts.seed)
         preference.to(device)
         records = [r for r in read_records() if r["split"] == "train"]
-        fit_preference_model(preference, records, steps=opts.fit_steps, seed=opts.seed,
-                             progress=not opts.no_progress)
+        fit_preference_model(
+            preference,
+            records,
+            steps=opts.fit_steps,
+            batch_size=8,
+            seed=opts.seed,
+            progress=not opts.no_progress,
+        )
     if opts.prompts_file is not None:
         with open(opts.prompts_file, encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip()]
@@ -136,11 +190,20 @@ def build(opts):
 
 def main(argv: list[str] | None = None) -> int:
     opts = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    for name in ("iterations", "prompts", "samples", "max_new_tokens", "eval_prompts", "eval_samples", "batch_size"):
+    for name in (
+        "iterations",
+        "prompts",
+        "samples",
+        "max_new_tokens",
+        "eval_prompts",
+        "eval_samples",
+        "batch_size",
+    ):
         if getattr(opts, name) < 1:
             raise SystemExit(f"prefuse self-play: --{name.replace('_', '-')} must be >= 1")
-    if opts.fit_steps < 0:
-        raise SystemExit("prefuse self-play: --fit-steps must be >= 0")
+    for name in ("fit_steps", "warmup_steps"):
+        if getattr(opts, name) < 0:
+            raise SystemExit(f"prefuse self-play: --{name.replace('_', '-')} must be >= 0")
     from datasets.utils.logging import disable_progress_bar
     from prefuse.alignment.selfplay import run_self_play
     from transformers.utils import logging as hf_logging
@@ -153,16 +216,22 @@ def main(argv: list[str] | None = None) -> int:
         result = run_self_play(policy, tokenizer, preference, prompts, config, eval_prompts=eval_prompts)
     except ValueError as err:
         raise SystemExit(f"prefuse self-play: {err}") from None
-    print(f"\n{opts.method} self-play, {opts.iterations} iterations ({opts.protocol} prompts), preference model: "
-          f"{type(preference).__name__}")
+    print(
+        f"\n{opts.method} self-play, {opts.iterations} iterations ({opts.protocol} prompts), preference model: "
+        f"{type(preference).__name__}"
+    )
     print(f"  {'iter':>4} {'win rate vs initial':>20} {'eval tokens':>12} {'pairs':>6} {'train loss':>11}")
     for e in result.report:
         loss = e.get("train_loss")
-        print(f"  {e['iteration']:>4} {e['win_rate_vs_initial']:>20.3f} {e['eval_response_tokens']:>12.1f} "
-              f"{e.get('pairs', '-'):>6} {'-' if loss is None else f'{loss:.4f}':>11}")
+        print(
+            f"  {e['iteration']:>4} {e['win_rate_vs_initial']:>20.3f} {e['eval_response_tokens']:>12.1f} "
+            f"{e.get('pairs', '-'):>6} {'-' if loss is None else f'{loss:.4f}':>11}"
+        )
     out = os.path.abspath(opts.output_dir)
-    print(f"report: {os.path.join(out, 'report.json')}, {os.path.join(out, 'report.png')} "
-          f"({time.perf_counter() - started:.1f}s)")
+    print(
+        f"report: {os.path.join(out, 'report.json')}, {os.path.join(out, 'report.png')} "
+        f"({time.perf_counter() - started:.1f}s)"
+    )
     return 0
 
 

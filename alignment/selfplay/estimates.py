@@ -58,8 +58,14 @@ def select_pair(estimates: Tensor) -> tuple[int, int]:
     return int(estimates.argmax()), int(estimates.argmin())
 
 
-def preference_rows(prompts: Sequence[str], responses: Sequence[Sequence[str]], scores: Tensor,
-                    probabilities: Tensor, *, method: str) -> list[dict]:
+def preference_rows(
+    prompts: Sequence[str],
+    responses: Sequence[Sequence[str]],
+    scores: Tensor,
+    probabilities: Tensor,
+    *,
+    method: str,
+) -> list[dict]:
     """One training row per prompt: ``prompt``, ``chosen``, ``rejected``, ``p_chosen``, ``p_rejected`` (SPPO win
     rates), ``s_chosen``, ``s_rejected`` (GPO scores) and ``p_chosen_over_rejected`` (``P(y_c ≻ y_r)``).
 
@@ -77,7 +83,16 @@ def preference_rows(prompts: Sequence[str], responses: Sequence[Sequence[str]], 
         chosen, rejected = responses[n][c], responses[n][r]
         if not chosen.strip() or not rejected.strip():
             continue
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "p_chosen": float(rates[n, c]),
-                     "p_rejected": float(rates[n, r]), "s_chosen": float(values[n, c]),
-                     "s_rejected": float(values[n, r]), "p_chosen_over_rejected": float(probabilities[n][c, r])})
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": chosen,
+                "rejected": rejected,
+                "p_chosen": float(rates[n, c]),
+                "p_rejected": float(rates[n, r]),
+                "s_chosen": float(values[n, c]),
+                "s_rejected": float(values[n, r]),
+                "p_chosen_over_rejected": float(probabilities[n][c, r]),
+            }
+        )
     return rows

@@ -49,9 +49,18 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def generate_responses(model, tokenizer, prompts: Sequence[str], options: SamplingOptions, *, seed: int = 0,
-                       backend: str = "transformers", model_path: str | None = None,
-                       progress: bool = True, desc: str = "generate") -> tuple[list[list[str]], list[list[int]]]:
+def generate_responses(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    options: SamplingOptions,
+    *,
+    seed: int = 0,
+    backend: str = "transformers",
+    model_path: str | None = None,
+    progress: bool = True,
+    desc: str = "generate",
+) -> tuple[list[list[str]], list[list[int]]]:
     """``(responses, lengths)``: ``K`` sampled responses per prompt and their token counts (module docstring)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -70,17 +79,26 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], options: Sampli
     starts = range(0, len(prompts), options.batch_size)
     try:
         for b, start in enumerate(tqdm(starts, desc=desc, disable=not progress, leave=False)):
-            texts = [prompt_text(tokenizer, p) for p in prompts[start: start + options.batch_size]]
-            batch = encode(tokenizer, texts, max_length=options.max_prompt_length, padding_side="left",
-                           device=device)
+            texts = [prompt_text(tokenizer, p) for p in prompts[start : start + options.batch_size]]
+            batch = encode(
+                tokenizer, texts, max_length=options.max_prompt_length, padding_side="left", device=device
+            )
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
                 torch.manual_seed(seed + b)
-                out = model.generate(**batch, do_sample=True, temperature=options.temperature, top_p=options.top_p,
-                                     top_k=0, max_new_tokens=options.max_new_tokens,
-                                     num_return_sequences=options.samples, pad_token_id=pad, eos_token_id=eos)
-            new = out[:, batch["input_ids"].shape[1]:].cpu()
+                out = model.generate(
+                    **batch,
+                    do_sample=True,
+                    temperature=options.temperature,
+                    top_p=options.top_p,
+                    top_k=0,
+                    max_new_tokens=options.max_new_tokens,
+                    num_return_sequences=options.samples,
+                    pad_token_id=pad,
+                    eos_token_id=eos,
+                )
+            new = out[:, batch["input_ids"].shape[1] :].cpu()
             for i in range(len(texts)):
-                rows = new[i * options.samples: (i + 1) * options.samples]
+                rows = new[i * options.samples : (i + 1) * options.samples]
                 responses.append(tokenizer.batch_decode(rows, skip_special_tokens=True))
                 lengths.append([_length(row, eos, pad) for row in rows.tolist()])
     finally:
@@ -98,14 +116,21 @@ def _length(ids: list[int], eos: int | None, pad: int | None) -> int:
 
 def _generate_vllm(model_path, tokenizer, prompts, options: SamplingOptions, *, seed: int):
     if not vllm_available():
-        raise ValueError("backend='vllm' needs the vllm package (pip install vllm); use backend='transformers'")
+        raise ValueError(
+            "backend='vllm' needs the vllm package (pip install vllm); use backend='transformers'"
+        )
     if model_path is None:
         raise ValueError("backend='vllm' needs model_path: the policy's Hugging Face folder")
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model_path, tokenizer=model_path, seed=seed)
-    params = SamplingParams(n=options.samples, temperature=options.temperature, top_p=options.top_p,
-                            max_tokens=options.max_new_tokens, seed=seed)
+    params = SamplingParams(
+        n=options.samples,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        max_tokens=options.max_new_tokens,
+        seed=seed,
+    )
     special = not uses_chat_template(tokenizer)  # the template already wrote them
     ids = [tokenizer(prompt_text(tokenizer, p), add_special_tokens=special)["input_ids"] for p in prompts]
     outputs = llm.generate([{"prompt_token_ids": list(x)} for x in ids], params)

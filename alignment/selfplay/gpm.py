@@ -51,9 +51,18 @@ class GeneralPreferenceModel(nn.Module, PreferenceModel):
         batch_size: conversations per forward when scoring.
     """
 
-    def __init__(self, backbone: nn.Module, tokenizer, *, dim: int = 8, value_head: nn.Linear | None = None,
-                 block_scales: Tensor | None = None, tau: float = 0.1, max_length: int = 512,
-                 batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer,
+        *,
+        dim: int = 8,
+        value_head: nn.Linear | None = None,
+        block_scales: Tensor | None = None,
+        tau: float = 0.1,
+        max_length: int = 512,
+        batch_size: int = 32,
+    ) -> None:
         super().__init__()
         hidden = backbone.config.hidden_size
         if value_head is None:
@@ -61,8 +70,10 @@ class GeneralPreferenceModel(nn.Module, PreferenceModel):
                 raise ValueError(f"dim must be a positive even number (2k), got {dim!r}")
             value_head = nn.Linear(hidden, dim, bias=False)
         if value_head.in_features != hidden or value_head.out_features % 2:
-            raise ValueError(f"value_head must map the backbone's {hidden} features to an even size, got "
-                             f"{value_head.in_features} -> {value_head.out_features}")
+            raise ValueError(
+                f"value_head must map the backbone's {hidden} features to an even size, got "
+                f"{value_head.in_features} -> {value_head.out_features}"
+            )
         k = value_head.out_features // 2
         scales = torch.ones(k) if block_scales is None else torch.as_tensor(block_scales, dtype=torch.float32)
         if scales.shape != (k,) or not torch.isfinite(scales).all() or (scales < 0).any():
@@ -79,7 +90,9 @@ class GeneralPreferenceModel(nn.Module, PreferenceModel):
 
     # ------------------------------------------------------------------------------------------ io
     @classmethod
-    def from_pretrained(cls, path: str, *, trust_remote_code: bool = False, **kwargs) -> GeneralPreferenceModel:
+    def from_pretrained(
+        cls, path: str, *, trust_remote_code: bool = False, **kwargs
+    ) -> GeneralPreferenceModel:
         """Backbone (``AutoModel``) and tokenizer from a Hugging Face folder; the head from its
         ``preference_head.safetensors``, else from a ``value_head.weight`` (and optional ``block_scales``) tensor
         in the folder's ``*.safetensors`` / ``*.bin`` weights (``.bin`` read with ``weights_only=True``)."""
@@ -103,8 +116,13 @@ class GeneralPreferenceModel(nn.Module, PreferenceModel):
 
         self.backbone.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-        save_file({"value_head.weight": self.value_head.weight.detach().cpu().contiguous(),
-                   "block_scales": self.block_scales.detach().cpu().contiguous()}, os.path.join(path, HEAD_FILE))
+        save_file(
+            {
+                "value_head.weight": self.value_head.weight.detach().cpu().contiguous(),
+                "block_scales": self.block_scales.detach().cpu().contiguous(),
+            },
+            os.path.join(path, HEAD_FILE),
+        )
         with open(os.path.join(path, HEAD_CONFIG), "w") as f:
             json.dump({"tau": self.tau}, f)
 
@@ -121,9 +139,13 @@ class GeneralPreferenceModel(nn.Module, PreferenceModel):
         """``(n, 2k)`` unit embeddings of the conversations ``(prompts[i], responses[i])`` (grad as the caller's
         context allows)."""
         texts = [conversation_text(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
-        batch = encode(self.tokenizer, texts, max_length=self.max_length, padding_side="right", device=self.device)
+        batch = encode(
+            self.tokenizer, texts, max_length=self.max_length, padding_side="right", device=self.device
+        )
         hidden = self.backbone(**batch).last_hidden_state
-        return nn.functional.normalize(self.value_head(last_token_states(hidden, batch["attention_mask"])), dim=-1)
+        return nn.functional.normalize(
+            self.value_head(last_token_states(hidden, batch["attention_mask"])), dim=-1
+        )
 
     def pair_scores(self, prompts, firsts, seconds) -> Tensor:
         """``(n,)`` ``s(a≻b) = v_aᵀ R v_b``, with grad."""
@@ -139,8 +161,12 @@ class GeneralPreferenceModel(nn.Module, PreferenceModel):
         self.eval()
         try:
             with torch.no_grad():
-                v = torch.cat([self.embed(flat_prompts[i: i + self.batch_size], flat[i: i + self.batch_size])
-                               for i in range(0, len(flat), self.batch_size)]).float()
+                v = torch.cat(
+                    [
+                        self.embed(flat_prompts[i : i + self.batch_size], flat[i : i + self.batch_size])
+                        for i in range(0, len(flat), self.batch_size)
+                    ]
+                ).float()
                 v = v.reshape(len(prompts), k, -1)
                 scores = (v @ self.operator().float()) @ v.transpose(1, 2)  # (N, K, K) in one batched product
         finally:

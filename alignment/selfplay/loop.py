@@ -33,7 +33,13 @@ from prefuse.alignment.selfplay.estimates import METHODS, preference_rows, prefe
 from prefuse.alignment.selfplay.generation import BACKENDS, SamplingOptions, generate_responses
 from prefuse.alignment.selfplay.preference import PreferenceModel
 from prefuse.alignment.selfplay.report import write_report
-from prefuse.alignment.selfplay.stages import completed, dataset_stage, read_json, write_atomically, write_json
+from prefuse.alignment.selfplay.stages import (
+    completed,
+    dataset_stage,
+    read_json,
+    write_atomically,
+    write_json,
+)
 from torch import nn
 
 PROTOCOLS = ("split", "reuse")
@@ -99,23 +105,38 @@ def round_prompts(prompts: Sequence[str], iterations: int, protocol: str) -> lis
     if protocol == "reuse":
         return [prompts] * iterations
     if len(prompts) < iterations:
-        raise ValueError(f"protocol 'split' needs at least one prompt per iteration: {len(prompts)} prompts for "
-                         f"{iterations} iterations")
+        raise ValueError(
+            f"protocol 'split' needs at least one prompt per iteration: {len(prompts)} prompts for "
+            f"{iterations} iterations"
+        )
     size, extra = divmod(len(prompts), iterations)
     bounds = [k * size + min(k, extra) for k in range(iterations + 1)]
-    return [prompts[bounds[k]: bounds[k + 1]] for k in range(iterations)]
+    return [prompts[bounds[k] : bounds[k + 1]] for k in range(iterations)]
 
 
 class SelfPlay:
     """One self-play run (module docstring); ``run_self_play`` builds and runs it."""
 
-    def __init__(self, policy: nn.Module, tokenizer, preference: PreferenceModel, prompts: Sequence[str],
-                 config: SelfPlayConfig, eval_prompts: Sequence[str] | None = None,
-                 on_stage: Callable[[int, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        policy: nn.Module,
+        tokenizer,
+        preference: PreferenceModel,
+        prompts: Sequence[str],
+        config: SelfPlayConfig,
+        eval_prompts: Sequence[str] | None = None,
+        on_stage: Callable[[int, str], None] | None = None,
+    ) -> None:
         if not isinstance(preference, PreferenceModel):
-            raise ValueError("preference must be a PreferenceModel (PairRanker, GeneralPreferenceModel or "
-                             "CallablePreference wrapping a score(prompt, responses) function)")
-        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ValueError(
+                "preference must be a PreferenceModel (PairRanker, GeneralPreferenceModel or "
+                "CallablePreference wrapping a score(prompt, responses) function)"
+            )
+        if (
+            isinstance(prompts, str)
+            or not prompts
+            or not all(isinstance(p, str) and p.strip() for p in prompts)
+        ):
             raise ValueError("prompts must be a non-empty list of non-blank strings")
         self.policy, self.tokenizer, self.preference, self.config = policy, tokenizer, preference, config
         self.rounds = round_prompts(prompts, config.iterations, config.protocol)
@@ -142,18 +163,34 @@ class SelfPlay:
         from datasets import Dataset
 
         options = SamplingOptions(**{**self.config.sampling.__dict__, "samples": samples})
-        responses, lengths = generate_responses(model, self.tokenizer, prompts, options, seed=seed,
-                                                backend=self.config.backend, model_path=model_path,
-                                                progress=self.config.progress, desc=desc)
+        responses, lengths = generate_responses(
+            model,
+            self.tokenizer,
+            prompts,
+            options,
+            seed=seed,
+            backend=self.config.backend,
+            model_path=model_path,
+            progress=self.config.progress,
+            desc=desc,
+        )
         return Dataset.from_dict({"prompt": list(prompts), "responses": responses, "lengths": lengths})
 
     def generate(self, k: int, model, model_path: str | None):
         path = self.path(k, "samples")
         self._log(f"[iter {k}] generate: {'found ' + path if completed(path) else 'sampling'}")
         samples = self.config.sampling.samples
-        data = dataset_stage(path, lambda: self._sample(model, self.rounds[k - 1], samples,
-                                                        self.config.seed + 100_000 * k, f"iter {k} generate",
-                                                        model_path))
+        data = dataset_stage(
+            path,
+            lambda: self._sample(
+                model,
+                self.rounds[k - 1],
+                samples,
+                self.config.seed + 100_000 * k,
+                f"iter {k} generate",
+                model_path,
+            ),
+        )
         self._done(k, "generate")
         return data
 
@@ -166,9 +203,15 @@ class SelfPlay:
         if not completed(path):
             prompts, responses = samples["prompt"], samples["responses"]
             step = self.config.score_batch_size
-            parts = [self.preference.tables(prompts[i: i + step], responses[i: i + step])
-                     for i in tqdm(range(0, len(prompts), step), desc=f"iter {k} score",
-                                   disable=not self.config.progress, leave=False)]
+            parts = [
+                self.preference.tables(prompts[i : i + step], responses[i : i + step])
+                for i in tqdm(
+                    range(0, len(prompts), step),
+                    desc=f"iter {k} score",
+                    disable=not self.config.progress,
+                    leave=False,
+                )
+            ]
             scores, probabilities = torch.cat([s for s, _ in parts]), torch.cat([p for _, p in parts])
             tables = Dataset.from_dict({
                 "prompt": prompts, "responses": responses, "scores": scores.tolist(),
@@ -176,8 +219,10 @@ class SelfPlay:
                 "preference_scores": preference_scores(scores).tolist()})  # fmt: skip
             rows = preference_rows(prompts, responses, scores, probabilities, method=self.config.method)
             if not rows:
-                raise ValueError(f"iteration {k}: every prompt's chosen or rejected response is blank; nothing to "
-                                 "train on (raise max_new_tokens or check the policy's generations)")
+                raise ValueError(
+                    f"iteration {k}: every prompt's chosen or rejected response is blank; nothing to "
+                    "train on (raise max_new_tokens or check the policy's generations)"
+                )
             pairs = Dataset.from_list(rows)
 
             def save(tmp: str) -> None:
@@ -201,8 +246,9 @@ class SelfPlay:
         from transformers import AutoModelForCausalLM
 
         param = next(like.parameters())
-        model = AutoModelForCausalLM.from_pretrained(self.path(k, "policy"), dtype=param.dtype,
-                                                     trust_remote_code=self.config.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            self.path(k, "policy"), dtype=param.dtype, trust_remote_code=self.config.trust_remote_code
+        )
         return model.to(param.device)
 
     def policy_path(self, k: int) -> str | None:
@@ -210,26 +256,48 @@ class SelfPlay:
 
     def initial_eval(self, model):
         path = os.path.join(self.out, "initial_eval")
-        self._log(f"[iter 0] evaluate: {'found ' + path if completed(path) else 'sampling the initial policy'}")
-        data = dataset_stage(path, lambda: self._sample(model, self.eval_prompts, self.config.eval_samples,
-                                                        self.config.seed + 50_000, "initial eval",
-                                                        self.policy_path(0)))
+        self._log(
+            f"[iter 0] evaluate: {'found ' + path if completed(path) else 'sampling the initial policy'}"
+        )
+        data = dataset_stage(
+            path,
+            lambda: self._sample(
+                model,
+                self.eval_prompts,
+                self.config.eval_samples,
+                self.config.seed + 50_000,
+                "initial eval",
+                self.policy_path(0),
+            ),
+        )
         self._done(0, "eval")
         return data
 
     def evaluate(self, k: int, model, initial):
         """``π_k``'s evaluation responses and, per prompt, their mean win rate against ``π_0``'s."""
         path = self.path(k, "eval")
-        self._log(f"[iter {k}] evaluate: {'found ' + path if completed(path) else 'against the initial policy'}")
+        self._log(
+            f"[iter {k}] evaluate: {'found ' + path if completed(path) else 'against the initial policy'}"
+        )
 
         def build():
-            data = self._sample(model, self.eval_prompts, self.config.eval_samples,
-                                self.config.seed + 100_000 * k + 50_000, f"iter {k} eval", self.policy_path(k))
+            data = self._sample(
+                model,
+                self.eval_prompts,
+                self.config.eval_samples,
+                self.config.seed + 100_000 * k + 50_000,
+                f"iter {k} eval",
+                self.policy_path(k),
+            )
             m = self.config.eval_samples
             both = [a + b for a, b in zip(data["responses"], initial["responses"])]
             step = self.config.score_batch_size
-            probs = torch.cat([self.preference.probability_batch(self.eval_prompts[i: i + step], both[i: i + step])
-                               for i in range(0, len(both), step)])
+            probs = torch.cat(
+                [
+                    self.preference.probability_batch(self.eval_prompts[i : i + step], both[i : i + step])
+                    for i in range(0, len(both), step)
+                ]
+            )
             return data.add_column("win_rate", probs[:, :m, m:].mean((1, 2)).tolist())
 
         data = dataset_stage(path, build)
@@ -244,8 +312,14 @@ class SelfPlay:
             values = [x for row in rows for x in (row if isinstance(row, list) else [row])]
             return sum(values) / max(len(values), 1)
 
-        entries = [{"iteration": 0, "win_rate_vs_initial": 0.5, "eval_response_tokens": mean(initial["lengths"]),
-                    "sample_response_tokens": None}]
+        entries = [
+            {
+                "iteration": 0,
+                "win_rate_vs_initial": 0.5,
+                "eval_response_tokens": mean(initial["lengths"]),
+                "sample_response_tokens": None,
+            }
+        ]
         for k in range(1, upto + 1):
             evaluation = load_from_disk(self.path(k, "eval"))
             samples = load_from_disk(self.path(k, "samples"))
@@ -292,6 +366,7 @@ class SelfPlay:
         if start:
             self._log(f"resuming after iteration {start} (policy loaded from {self.path(start, 'policy')})")
         if start < iterations:
+
             def data(j: int, current: nn.Module):
                 k = start + j + 1
                 samples = self.generate(k, current, self.policy_path(k - 1))
@@ -305,14 +380,27 @@ class SelfPlay:
                 self.evaluate(k, trainer.model, initial)
                 self.report(k, initial)
 
-            model = run_iterations(model, data, args=self.training_args(), iterations=iterations - start,
-                                   processing_class=self.tokenizer, on_iteration_end=finish).model
+            model = run_iterations(
+                model,
+                data,
+                args=self.training_args(),
+                iterations=iterations - start,
+                processing_class=self.tokenizer,
+                on_iteration_end=finish,
+            ).model
         return SelfPlayResult(model, self.report(iterations, initial))
 
 
-def run_self_play(policy: nn.Module, tokenizer, preference: PreferenceModel, prompts: Sequence[str],
-                  config: SelfPlayConfig, *, eval_prompts: Sequence[str] | None = None,
-                  on_stage: Callable[[int, str], None] | None = None) -> SelfPlayResult:
+def run_self_play(
+    policy: nn.Module,
+    tokenizer,
+    preference: PreferenceModel,
+    prompts: Sequence[str],
+    config: SelfPlayConfig,
+    *,
+    eval_prompts: Sequence[str] | None = None,
+    on_stage: Callable[[int, str], None] | None = None,
+) -> SelfPlayResult:
     """Run (or resume) ``config.iterations`` rounds of SPPO / GPO self-play (module docstring).
 
     Args:

@@ -25,7 +25,9 @@ def check_responses(prompts: Sequence[str], responses: Sequence[Sequence[str]]) 
         raise ValueError(f"responses must hold one list per prompt ({len(prompts)}), got {len(responses)}")
     counts = {len(r) for r in responses}
     if len(counts) != 1 or min(counts) < 1 or any(isinstance(r, str) for r in responses):
-        raise ValueError(f"responses must be lists of the same length K >= 1 per prompt, got lengths {sorted(counts)}")
+        raise ValueError(
+            f"responses must be lists of the same length K >= 1 per prompt, got lengths {sorted(counts)}"
+        )
     return counts.pop()
 
 
@@ -85,7 +87,9 @@ class CallablePreference(PreferenceModel):
         for prompt, group in zip(prompts, responses):
             table = torch.as_tensor(self.fn(prompt, list(group)), dtype=torch.float32).detach().cpu()
             if table.shape != (k, k):
-                raise ValueError(f"score(prompt, responses) must return a ({k}, {k}) table, got {tuple(table.shape)}")
+                raise ValueError(
+                    f"score(prompt, responses) must return a ({k}, {k}) table, got {tuple(table.shape)}"
+                )
             if not torch.isfinite(table).all() or (table < 0).any() or (table > 1).any():
                 raise ValueError("score(prompt, responses) must return probabilities P(i≻j) in [0, 1]")
             tables.append(table.fill_diagonal_(0.5))

@@ -30,12 +30,15 @@ class PairRanker(nn.Module, PreferenceModel):
         batch_size: encoder rows per forward when scoring.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, *, tau: float = 1.0, max_length: int = 512,
-                 batch_size: int = 32) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer, *, tau: float = 1.0, max_length: int = 512, batch_size: int = 32
+    ) -> None:
         super().__init__()
         labels = getattr(getattr(model, "config", None), "num_labels", None)
         if labels != 1:
-            raise ValueError(f"model must be a sequence classifier with num_labels=1 (one logit), got {labels!r}")
+            raise ValueError(
+                f"model must be a sequence classifier with num_labels=1 (one logit), got {labels!r}"
+            )
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer must have a pad token")
         if max_length < 8 or batch_size < 1:
@@ -64,8 +67,14 @@ class PairRanker(nn.Module, PreferenceModel):
     def pair_logits(self, prompts: Sequence[str], firsts: Sequence[str], seconds: Sequence[str]) -> Tensor:
         """``(n,)`` float32 encoder logits ``f(x, a, b)`` (grad as the caller's context allows)."""
         texts = [PAIR_FORMAT.format(prompt=p, first=a, second=b) for p, a, b in zip(prompts, firsts, seconds)]
-        batch = encode(self.tokenizer, texts, max_length=self.max_length, padding_side="right", device=self.device,
-                       add_special_tokens=True)
+        batch = encode(
+            self.tokenizer,
+            texts,
+            max_length=self.max_length,
+            padding_side="right",
+            device=self.device,
+            add_special_tokens=True,
+        )
         return self.model(**batch).logits[:, 0].float()
 
     def pair_scores(self, prompts, firsts, seconds) -> Tensor:
@@ -83,9 +92,12 @@ class PairRanker(nn.Module, PreferenceModel):
         try:
             with torch.no_grad():
                 for start in range(0, len(pairs), max(1, self.batch_size // 2)):
-                    chunk = pairs[start: start + max(1, self.batch_size // 2)]
-                    s = self.pair_scores([prompts[n] for n, _, _ in chunk], [responses[n][i] for n, i, _ in chunk],
-                                         [responses[n][j] for n, _, j in chunk]).cpu()
+                    chunk = pairs[start : start + max(1, self.batch_size // 2)]
+                    s = self.pair_scores(
+                        [prompts[n] for n, _, _ in chunk],
+                        [responses[n][i] for n, i, _ in chunk],
+                        [responses[n][j] for n, _, j in chunk],
+                    ).cpu()
                     index = torch.tensor(chunk, dtype=torch.long).reshape(-1, 3)
                     scores[index[:, 0], index[:, 1], index[:, 2]] = s
                     scores[index[:, 0], index[:, 2], index[:, 1]] = -s

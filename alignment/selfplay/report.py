@@ -29,8 +29,12 @@ def _plot(entries: list[dict], path: str) -> None:
     left.set(xlabel="iteration", ylabel="win rate vs initial policy", title="preference model's verdict")
     right.plot(steps, [e["eval_response_tokens"] for e in entries], marker="o", label="evaluation responses")
     trained = [e for e in entries if e.get("sample_response_tokens") is not None]
-    right.plot([e["iteration"] for e in trained], [e["sample_response_tokens"] for e in trained], marker="s",
-               label="training samples")
+    right.plot(
+        [e["iteration"] for e in trained],
+        [e["sample_response_tokens"] for e in trained],
+        marker="s",
+        label="training samples",
+    )
     right.set(xlabel="iteration", ylabel="mean tokens", title="response length")
     right.legend(fontsize=8)
     for ax in (left, right):

@@ -17,8 +17,9 @@ def uses_chat_template(tokenizer) -> bool:
 def prompt_text(tokenizer, prompt: str) -> str:
     """The prompt as the policy sees it before its answer (the chat template's generation prompt, if any)."""
     if uses_chat_template(tokenizer):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
     return prompt
 
 
@@ -28,8 +29,15 @@ def conversation_text(tokenizer, prompt: str, response: str) -> str:
     return rendered_prompt + rendered_completion
 
 
-def encode(tokenizer, texts: Sequence[str], *, max_length: int, padding_side: str, device,
-           add_special_tokens: bool | None = None) -> dict[str, torch.Tensor]:
+def encode(
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    padding_side: str,
+    device,
+    add_special_tokens: bool | None = None,
+) -> dict[str, torch.Tensor]:
     """Batch-encode ``texts`` (special tokens unless the chat template already wrote them), padded on
     ``padding_side``, truncated to ``max_length`` tokens from the left (the end of a text is what matters)."""
     if add_special_tokens is None:
@@ -37,8 +45,14 @@ def encode(tokenizer, texts: Sequence[str], *, max_length: int, padding_side: st
     old = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side, tokenizer.truncation_side = padding_side, "left"
     try:
-        enc = tokenizer(list(texts), add_special_tokens=add_special_tokens, padding=True, truncation=True,
-                        max_length=max_length, return_tensors="pt")
+        enc = tokenizer(
+            list(texts),
+            add_special_tokens=add_special_tokens,
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
     finally:
         tokenizer.padding_side, tokenizer.truncation_side = old
     return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
