@@ -376,3 +376,28 @@ def test_default_warm_up_and_fit_learn_the_bundled_data(tokenizer):
     assert sum(losses[-3:]) < sum(losses[:3])
     with pytest.raises(ValueError, match="kind"):
         tiny_preference_model("reward", tokenizer)
+
+
+def test_stage_outputs_appear_atomically(tmp_path):
+    from datasets import Dataset
+    from prefuse.alignment.selfplay.stages import dataset_stage, write_atomically
+
+    target = str(tmp_path / "stage")
+
+    def dies(tmp):
+        os.makedirs(tmp)
+        (tmp_path / "stage.partial" / "half").write_text("x")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        write_atomically(target, dies)
+    assert not os.path.exists(target) and os.path.isdir(target + ".partial")  # a kill leaves no output
+    builds = []
+
+    def build():
+        builds.append(1)
+        return Dataset.from_dict({"x": [1, 2]})
+
+    assert dataset_stage(target, build).to_dict() == {"x": [1, 2]}
+    assert dataset_stage(target, build).to_dict() == {"x": [1, 2]}
+    assert builds == [1] and not os.path.exists(target + ".partial")  # built once, the leftover discarded
