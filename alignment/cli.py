@@ -444,6 +444,10 @@ def run(opts, argv: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["self-play"]:
+        from prefuse.alignment.selfplay.cli import main as self_play
+
+        return self_play(argv[1:])
     parser = build_parser()
     opts = parser.parse_args(argv)
     check_args(parser, opts)
