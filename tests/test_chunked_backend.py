@@ -253,3 +253,22 @@ def test_compile_variants_cover_every_launch(monkeypatch):
                 torch.autograd.grad(loss, leaves)
     assert len(launched) == 2 * 2 * (2 + 3)  # forward: stats or not; backward: plain, entropy+filter, entropy
     assert launched <= declared
+
+
+def test_backend_resolution(monkeypatch):
+    """``auto`` is the PyTorch twin on CPU; ``chunked`` on CPU tensors needs the Triton interpreter."""
+    from prefuse.kernels.linear_logprobs import op
+    from triton import knobs
+
+    cpu = torch.device("cpu")
+    assert op._resolve_backend("auto", cpu) == "torch"
+    monkeypatch.setattr(knobs.runtime, "interpret", False)
+    with pytest.raises(ValueError, match="backend='chunked' on CPU tensors"):
+        op._resolve_backend("chunked", cpu)
+
+
+@pytest.mark.gpu
+def test_auto_is_chunked_on_cuda():
+    from prefuse.kernels.linear_logprobs import op
+
+    assert op._resolve_backend("auto", torch.device("cuda")) == "chunked"

@@ -140,8 +140,9 @@ def validate_outputs(outputs) -> tuple[str, ...]:
 
 def host_reads_allowed(device: torch.device) -> bool:
     """Whether a check may read tensor values (a host sync on CUDA): not while ``torch.compile`` traces or a
-    CUDA graph is being captured. The op's target-range check and the losses' value checks all ask this."""
-    if torch.compiler.is_compiling():
+    CUDA graph is being captured, nor under a ``torch.func`` transform (``vmap`` cannot branch on batched data).
+    The op's target-range check and the losses' value checks all ask this."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
