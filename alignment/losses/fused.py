@@ -37,8 +37,17 @@ otherwise) under the same gradient rule (without a gradient the op's single GEMM
 ``"op"`` always calls ``linear_logprobs``. ``loss.fused_unsupported()`` names the reason a loss falls back, and
 ``loss.uses_fused_path(hidden, weight, bias)`` says which path the next call takes.
 
-Supported: DPO (every ``loss_type`` but ``bco_pair``, with or without ``nll_weight``), SamPO, KTO, FactAlign,
-SPPO, GPO, SimPO, ORPO, CPO. Falls back to the op path:
+Supported, each a sum of per-group terms with label-only weights:
+
+- DPO, every ``loss_type`` but ``bco_pair``: the mean over pairs of a function of the pair's log-ratios (``ipo``
+  and ``sigmoid_norm`` divide them by the pair's completion lengths); ``nll_weight``'s NLL is ``-Σ_b logπ(y_w,b)
+  / Σ_b |y_w,b|``, linear in the log-probs with a denominator from the labels.
+- SamPO: DPO on the kept tokens of a sample drawn before the policy is scored.
+- KTO: ``Σ_rows term(Δ_row; z) / rows``; FactAlign adds ``Σ_sentences term(Δ_s; z_fg) / S``.
+- SPPO, GPO: the mean over pairs of squares of the pair's log-ratios against given win rates / scores.
+- SimPO, ORPO, CPO: the mean over pairs of a function of the pair's (length-averaged) log-probs, plus the NLL.
+
+Falls back to the op path:
 
 - DPO ``bco_pair``: its shift δ is the running mean of the rewards updated with *this batch's* mean policy
   reward before the loss is evaluated, so every pair's gradient depends on every other pair's log-probs (a
