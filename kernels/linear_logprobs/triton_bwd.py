@@ -31,6 +31,8 @@ The fp32 buffers are cast to the input dtypes at the end (free for fp32 inputs).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -491,3 +493,25 @@ def backward(
         cast(grad_w, need_weight, weight),
         cast(grad_b, need_bias, bias),
     )
+
+
+def _gradient_sets(bias: bool):
+    """The (need_hidden, need_weight, need_bias) combinations a backward can ask for."""
+    return [
+        need for need in itertools.product((False, True), repeat=3) if any(need) and (bias or not need[2])
+    ]
+
+
+def compile_variants() -> list:
+    """Every backward variant a CUDA launch can compile (for ``python -m benchmarks.aot``): per operand dtype
+    and dot precision, softcap and bias, the fused kernel for each set of gradients (atomic ``grad_h``), the
+    deterministic hidden-only pass, and the weight kernel for each set of weight / bias gradients."""
+    variants = []
+    for (dtype, precision), softcap, bias in itertools.product(cfg.PRECISIONS, (False, True), (False, True)):
+        common = dict(HAS_SOFTCAP=softcap, HAS_BIAS=bias)
+        fused = [dict(NEED_H=h, NEED_W=w, NEED_B=b, ATOMIC_H=h) for h, w, b in _gradient_sets(bias)]
+        fused.append(dict(NEED_H=True, NEED_W=False, NEED_B=False, ATOMIC_H=False))
+        weight = [dict(NEED_W=w, NEED_B=b) for h, w, b in _gradient_sets(bias) if not h]
+        variants += [cfg.kernel_variant(_backward_kernel, dtype, precision, **common, **f) for f in fused]
+        variants += [cfg.kernel_variant(_weight_kernel, dtype, precision, **common, **f) for f in weight]
+    return variants

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 import triton
+from prefuse.kernels.linear_logprobs.compile_variants import KernelVariant
 from triton.runtime.interpreter import InterpretedFunction
 
 INTERPRET_META = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16}
@@ -50,8 +51,8 @@ DEFAULT_CONFIGS = {
         4: {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32, "num_warps": 8, "num_stages": 3},
     },
     "backward": {
-        2: {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 3},
-        4: {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32, "num_warps": 4, "num_stages": 3},
+        2: {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3},
+        4: {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32, "num_warps": 8, "num_stages": 3},
     },
 }
 DEFAULT_CONFIGS["weight"] = DEFAULT_CONFIGS["backward"]
@@ -94,14 +95,16 @@ def kernel_name(kernel) -> str:
 
 
 def shared_bytes(meta: dict, element_size: int, role: str) -> int:
-    """Upper estimate of the shared memory a config allocates: the pipelined ``h`` and ``W`` operand tiles of
-    the logit loop (``num_stages`` buffers) and, in the backward kernels, the staged ``dl`` tile and the layout
-    conversions of the two gradient products (fp32). Checked against ptxas by ``benchmarks.aot``."""
+    """Upper estimate of the shared memory a config allocates, fitted to what ptxas reports for sm_90
+    (``tests/test_gpu_tools.py`` holds the measurements): the pipelined ``h`` and ``W`` operand tiles of the
+    logit loop (``num_stages`` buffers) — all of the forward's; the backward kernels add the ``dl`` operand
+    tile, one ``W`` chunk and the fp32 layout conversion of the larger gradient chunk (exact at 64x128x64 and
+    64x256x64, at most 16 KiB over on the other configs measured)."""
     n, v, d = meta["BLOCK_N"], meta["BLOCK_V"], meta["BLOCK_D"]
     operands = meta["num_stages"] * (n + v) * d * element_size
     if role == "forward":
-        return operands + n * v * 4
-    return operands + n * v * 4 + max(n, v) * d * 4 + (n + v) * d * element_size
+        return operands
+    return operands + max(n, v) * d * 4 + (n * v + v * d) * element_size
 
 
 def fits(meta: dict, element_size: int, role: str, shared_limit: int = SHARED_LIMIT) -> bool:
@@ -228,3 +231,48 @@ def dot_flags(hidden: torch.Tensor, weight: torch.Tensor, interpreted: bool) -> 
         "UPCAST_DOT": interpreted and weight.dtype == torch.bfloat16,
         "DOT_PRECISION": "ieee" if fp32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32",
     }
+
+
+# ------------------------------------------------------------------------------------ sm_90 compile gate
+
+PRECISIONS = (("fp32", "ieee"), ("fp32", "tf32"), ("bf16", "tf32"), ("fp16", "tf32"))
+"""(operand dtype, ``DOT_PRECISION``) pairs :func:`dot_flags` can produce on CUDA."""
+_ELEMENT_SIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
+_INDEX_ARGS = ("rows_ptr", "targets_ptr", "n_valid_ptr")
+_OPERAND_ARGS = ("hidden_ptr", "weight_ptr", "bias_ptr")
+_ALIGNED_INTS = (
+    "D",
+    "stride_h",
+    "stride_w",
+    "SPLIT_V",
+)  # multiples of 16 at the GPU shapes (SPLIT_V: always)
+
+
+def _arg_type(name: str, dtype: str) -> str:
+    if name in _OPERAND_ARGS:
+        return f"*{dtype}"
+    if name in _INDEX_ARGS:
+        return "*i64"
+    if name.endswith("_ptr"):
+        return "*fp32"
+    if name in ("logit_scale", "softcap", "inv_temperature"):
+        return "fp32"
+    return "i32:16" if name in _ALIGNED_INTS else "i32"
+
+
+def kernel_variant(kernel, dtype: str, precision: str, **flags) -> KernelVariant:
+    """The :class:`KernelVariant` a CUDA launch of `kernel` with these operands and constexpr `flags` compiles:
+    its default config (:func:`default_config`), ``bias_ptr`` as ``None`` without a bias."""
+    fn = jit_function(kernel)
+    name = kernel_name(kernel)
+    config = default_config(KERNELS[name].role, _ELEMENT_SIZE[dtype])
+    constexprs = {**flags, "UPCAST_DOT": False, "DOT_PRECISION": precision}
+    constexprs.update({k: config[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")})
+    if not flags["HAS_BIAS"]:
+        constexprs["bias_ptr"] = None
+    signature = {a: "constexpr" if a in constexprs else _arg_type(a, dtype) for a in fn.arg_names}
+    label = [dtype if dtype != "fp32" else f"fp32-{precision}"]
+    label += [k.lower().removeprefix("has_") for k, v in flags.items() if v]
+    return KernelVariant(
+        f"{name}[{','.join(label)}]", fn, signature, constexprs, config["num_warps"], config["num_stages"]
+    )

@@ -307,3 +307,17 @@ def forward(
         )
     valid = torch.arange(n_tokens, device=device) < n_valid
     return _combine(part, targets, vocab, valid, with_stats)
+
+
+def compile_variants() -> list:
+    """Every forward variant a CUDA launch can compile: operand dtype and dot precision, softcap, bias,
+    statistics (for ``python -m benchmarks.aot``)."""
+    return [
+        cfg.kernel_variant(
+            _forward_kernel, dtype, precision, HAS_SOFTCAP=softcap, HAS_BIAS=bias, WITH_STATS=stats
+        )
+        for dtype, precision in cfg.PRECISIONS
+        for softcap in (False, True)
+        for bias in (False, True)
+        for stats in (False, True)
+    ]
