@@ -412,7 +412,7 @@ def test_launch_refuses_a_none_reset_buffer():
 
 def test_autotune_key_and_resets():
     """The autotuner keys on everything that changes the compiled code or the best config: shape bucket,
-    flags, the dot precision (fp32 IEEE vs TF32) and the bias flag; it resets every atomic target."""
+    flags, the dot precision (TF32 vs 3xTF32 for fp32) and the bias flag; it resets every atomic target."""
     for kernel in (triton_fwd._forward_kernel, triton_bwd._backward_kernel, triton_bwd._weight_kernel):
         spec = triton_configs.KERNELS[triton_configs.kernel_name(kernel)]
         tuner = triton_configs.autotuner(triton_configs.jit_function(kernel), spec)

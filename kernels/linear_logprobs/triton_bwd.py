@@ -87,7 +87,7 @@ def _grad_logit_tile(
         BLOCK_D,
     )
     onehot = tl.where(cols[None, :] == targets[:, None], 1.0, 0.0)
-    log_p = z - lse[:, None]
+    log_p = tl.where(col_mask[None, :], z - lse[:, None], 0.0)  # finite: masked columns end up zero below
     p = tl.exp(log_p)
     dz = g[:, None] * (onehot - p) - g_entropy[:, None] * p * (log_p + entropy[:, None])
     return tl.where(row_mask[:, None] & col_mask[None, :], dz * dz_dl, 0.0)

@@ -43,16 +43,16 @@ META_KEYS = ("BLOCK_N", "BLOCK_V", "BLOCK_D", "num_warps", "num_stages")
 SHARED_LIMIT = 232_448
 """Shared memory per block (opt-in) of an sm_90 GPU (H100 / H200): 227 KiB."""
 
-# role -> operand bytes -> config. Compiled for sm_90 with Triton 3.6 and 3.9 (``python -m benchmarks.aot``):
-# no spills, shared memory far below the limit.
+# role -> operand bytes -> config: compiled for sm_90 under Triton 3.6 and 3.9 (``python -m benchmarks.aot``)
+# without spills, within the shared memory of a block.
 DEFAULT_CONFIGS = {
     "forward": {
         2: {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3},
         4: {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32, "num_warps": 8, "num_stages": 3},
     },
     "backward": {
-        2: {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3},
-        4: {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32, "num_warps": 8, "num_stages": 3},
+        2: {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32, "num_warps": 8, "num_stages": 3},
+        4: {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32, "num_warps": 4, "num_stages": 3},
     },
 }
 DEFAULT_CONFIGS["weight"] = DEFAULT_CONFIGS["backward"]
@@ -97,14 +97,14 @@ def kernel_name(kernel) -> str:
 def shared_bytes(meta: dict, element_size: int, role: str) -> int:
     """Upper estimate of the shared memory a config allocates, fitted to what ptxas reports for sm_90
     (``tests/test_gpu_tools.py`` holds the measurements): the pipelined ``h`` and ``W`` operand tiles of the
-    logit loop (``num_stages`` buffers) — all of the forward's; the backward kernels add the ``dl`` operand
-    tile, one ``W`` chunk and the fp32 layout conversion of the larger gradient chunk (exact at 64x128x64 and
-    64x256x64, at most 16 KiB over on the other configs measured)."""
+    logit loop (``num_stages`` buffers) — all of the forward's; the backward kernels add the ``dl`` tile twice
+    (as the operand of ``dl @ W`` and of ``dlᵀ @ h``) and an fp32 ``W``-chunk-sized layout conversion (exact at
+    six of the eleven configs measured, at most 32 KiB over at the others)."""
     n, v, d = meta["BLOCK_N"], meta["BLOCK_V"], meta["BLOCK_D"]
     operands = meta["num_stages"] * (n + v) * d * element_size
     if role == "forward":
         return operands
-    return operands + max(n, v) * d * 4 + (n * v + v * d) * element_size
+    return operands + 2 * n * v * element_size + v * d * 4
 
 
 def fits(meta: dict, element_size: int, role: str, shared_limit: int = SHARED_LIMIT) -> bool:
@@ -218,8 +218,10 @@ def dot_flags(hidden: torch.Tensor, weight: torch.Tensor, interpreted: bool) -> 
 
     - ``UPCAST_DOT``: under the interpreter, ``tl.dot`` on bfloat16 operands returns garbage, so bf16
       operands are cast to fp32 first there; compiled kernels keep bf16/fp16 operands for the tensor cores.
-    - ``DOT_PRECISION``: for fp32 operands, ``"ieee"`` unless PyTorch itself allows TF32 matmuls
-      (``torch.backends.cuda.matmul.allow_tf32``); 16-bit operands always use the tensor cores.
+    - ``DOT_PRECISION``: for fp32 operands ``"tf32"`` when PyTorch itself allows TF32 matmuls
+      (``torch.backends.cuda.matmul.allow_tf32``), else ``"tf32x3"`` (three TF32 products: fp32 accuracy on
+      the tensor cores; the ``"ieee"`` FMA path spilled registers on sm_90 at every tile tried);
+      16-bit operands always use the tensor cores.
     """
     if hidden.device.type == "cpu" and not interpreted:
         raise ValueError(
@@ -229,13 +231,13 @@ def dot_flags(hidden: torch.Tensor, weight: torch.Tensor, interpreted: bool) -> 
     fp32 = weight.dtype == torch.float32
     return {
         "UPCAST_DOT": interpreted and weight.dtype == torch.bfloat16,
-        "DOT_PRECISION": "ieee" if fp32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32",
+        "DOT_PRECISION": "tf32x3" if fp32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32",
     }
 
 
 # ------------------------------------------------------------------------------------ sm_90 compile gate
 
-PRECISIONS = (("fp32", "ieee"), ("fp32", "tf32"), ("bf16", "tf32"), ("fp16", "tf32"))
+PRECISIONS = (("fp32", "tf32x3"), ("fp32", "tf32"), ("bf16", "tf32"), ("fp16", "tf32"))
 """(operand dtype, ``DOT_PRECISION``) pairs :func:`dot_flags` can produce on CUDA."""
 _ELEMENT_SIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
 _INDEX_ARGS = ("rows_ptr", "targets_ptr", "n_valid_ptr")

@@ -208,7 +208,10 @@ def _forward_kernel(
         if WITH_STATS:
             d = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
             # s1 relative to the new max: exp(z - m_new)(z - m_new) = alpha exp(z - m)((z - m) + (m - m_new))
-            s1 = alpha * (s1 + tl.where(s0 > 0, (m - m_new) * s0, 0.0)) + tl.sum(e * d, axis=1)
+            m_old = tl.where(
+                s0 > 0, m, m_new
+            )  # before the first tile s0 = 0: no correction (and no -inf * 0)
+            s1 = alpha * (s1 + (m_old - m_new) * s0) + tl.sum(e * d, axis=1)
             s2 = alpha * alpha * s2 + tl.sum(e * e, axis=1)
             z_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
             # strictly greater: on a tie the earlier tile keeps the first argmax
