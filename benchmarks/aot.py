@@ -142,27 +142,25 @@ def _compile_by_index(module: str, index: int) -> Compiled:
     return compile_variant(_WORKER_VARIANTS[module][index])
 
 
-def compile_all(modules: list[str], jobs: int) -> list[Compiled]:
-    """Compile every variant of `modules` with `jobs` worker processes, in declaration order."""
+def compile_all(modules: list[str], jobs: int):
+    """Compile every variant of `modules` with `jobs` worker processes; yields the results in declaration
+    order as they complete."""
     tasks = [(module, i) for module in modules for i in range(len(_variants(module)))]
     if jobs <= 1:
-        return [_compile_by_index(*task) for task in tasks]
+        yield from (_compile_by_index(*task) for task in tasks)
+        return
     with futures.ProcessPoolExecutor(jobs) as pool:
-        return list(pool.map(_compile_by_index, *zip(*tasks)))
+        yield from pool.map(_compile_by_index, *zip(*tasks))
 
 
-def table(results: list[Compiled], shared_limit: int = SHARED_LIMIT) -> str:
-    """Markdown table of the results, one row per variant."""
-    lines = [
-        "| kernel | config | registers | spills (B) | shared (B) | gate |",
-        "|---|---|---:|---:|---:|---|",
-    ]
-    for r in results:
-        verdict = "; ".join(r.problems(shared_limit)) or "ok"
-        lines.append(
-            f"| {r.name} | {r.config} | {r.registers} | {r.spill_bytes} | {r.shared:,} | {verdict} |"
-        )
-    return "\n".join(lines)
+HEADER = ("| kernel | config | registers | spills (B) | shared (B) | gate |", "|---|---|---:|---:|---:|---|")
+
+
+def row(result: Compiled, shared_limit: int = SHARED_LIMIT) -> str:
+    """One table row: the variant's resources and its verdict."""
+    r = result
+    verdict = "; ".join(r.problems(shared_limit)) or "ok"
+    return f"| {r.name} | {r.config} | {r.registers} | {r.spill_bytes} | {r.shared:,} | {verdict} |"
 
 
 def summary(results: list[Compiled]) -> str:
@@ -204,8 +202,11 @@ def _gate(args) -> int:
 
     modules = args.modules or variant_modules()
     print(f"sm_90 compile gate: triton {triton.__version__}, target {TARGET}, modules {', '.join(modules)}")
-    results = compile_all(modules, args.jobs)
-    print(table(results))
+    print(*HEADER, sep="\n")
+    results = []
+    for result in compile_all(modules, args.jobs):
+        print(row(result), flush=True)
+        results.append(result)
     print()
     print(summary(results))
     failed = [r for r in results if r.problems()]

@@ -41,7 +41,7 @@ def test_gate_verdicts():
     assert aot.Compiled("k", "", 100, 0, aot.SHARED_LIMIT + 1).problems()[0].startswith("needs 232,449 B")
     assert aot.Compiled("k", "", 100, 0, aot.SHARED_LIMIT).problems() == []
     assert aot.Compiled("k", "", error="PTXASError: x").problems() == ["does not compile: PTXASError: x"]
-    assert "| k[ok] | 64x128x64 w8 s3 | 200 | 0 | 139,264 | ok |" in aot.table([ok])
+    assert aot.row(ok) == "| k[ok] | 64x128x64 w8 s3 | 200 | 0 | 139,264 | ok |"
 
 
 def test_every_triton_kernel_module_is_found():
