@@ -41,9 +41,8 @@ from prefuse.alignment import (
 from prefuse.alignment import functional as PF
 from prefuse.kernels import linear_logprobs, vocab_parallel_linear_logprobs
 from prefuse.kernels.linear_logprobs import naive_linear_logprobs
-from test_linear_logprobs import grad_tol, reference, rel_err
-from test_losses_dpo import SMOOTHING, naive_dpo
-from test_losses_kto import naive_kto
+from reference import SMOOTHING, grad_tol, naive_dpo, naive_kto, rel_err
+from reference import op_reference as reference
 
 HAS_CUDA = torch.cuda.is_available()
 

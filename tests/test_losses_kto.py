@@ -6,31 +6,18 @@ import pytest
 import torch
 from prefuse.alignment import KTOLoss
 from prefuse.alignment import functional as PF
-from test_losses_reference import (
+from reference import (
+    KTO_METRICS,
     Head,
     assert_loss_and_grads,
     assert_metrics,
     make_labels,
+    naive_kto,
     naive_seq_logps,
 )
 
 N, T, D, V = 6, 10, 16, 40
 T_KL = 8
-
-KTO_METRICS = {
-    "kl",
-    "count/chosen",
-    "count/rejected",
-    "rewards/chosen_sum",
-    "rewards/rejected_sum",
-    "logps/chosen_sum",
-    "logps/rejected_sum",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-}
 
 
 class Batch:
@@ -65,36 +52,6 @@ class Batch:
         pkl, _ = naive_seq_logps(self.kl_hidden, self.policy.w64, self.policy.b64, self.kl_labels)
         rkl, _ = naive_seq_logps(self.ref_kl_hidden, self.ref.w64, self.ref.b64, self.kl_labels)
         return p, r, pkl.detach(), rkl
-
-
-def naive_kto(p, r, desirable, z, *, beta, wd=1.0, wu=1.0):
-    """TRL / HALOs KTO in float64: mean over rows of the class-weighted sigmoid losses."""
-    d = p - r
-    losses = []
-    for i in range(d.shape[0]):
-        if desirable[i]:
-            losses.append(wd * (1 - torch.sigmoid(beta * (d[i] - z))))
-        else:
-            losses.append(wu * (1 - torch.sigmoid(beta * (z - d[i]))))
-    loss = torch.stack(losses).mean()
-    rewards = (beta * d).detach()
-    ch, rj = desirable, ~desirable
-    nc, nr = int(ch.sum()), int(rj.sum())
-    metrics = {
-        "kl": z,
-        "count/chosen": nc,
-        "count/rejected": nr,
-        "rewards/chosen_sum": rewards[ch].sum(),
-        "rewards/rejected_sum": rewards[rj].sum(),
-        "logps/chosen_sum": p.detach()[ch].sum(),
-        "logps/rejected_sum": p.detach()[rj].sum(),
-        "rewards/chosen": rewards[ch].sum() / max(nc, 1),
-        "rewards/rejected": rewards[rj].sum() / max(nr, 1),
-        "logps/chosen": p.detach()[ch].sum() / max(nc, 1),
-        "logps/rejected": p.detach()[rj].sum() / max(nr, 1),
-    }
-    metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-    return loss, metrics
 
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0), (1.33, 0.5)])
@@ -151,7 +108,7 @@ def test_kto_given_kl_and_reference_forms():
     loss64, _ = naive_kto(p, r, b.desirable, torch.tensor(0.25, dtype=torch.float64), beta=0.1)
     assert_loss_and_grads(out.loss, loss64, b.policy)
     assert float(out.metrics["kl"]) == 0.25
-    from test_losses_reference import naive_token_logps
+    from reference import naive_token_logps
 
     rtok, _ = naive_token_logps(b.ref.h64, b.ref.w64, b.ref.b64, b.labels)
     per_token = module(
@@ -268,7 +225,7 @@ def _worker(rank: int, world: int) -> tuple[float, float]:
 def test_kl_reference_point_is_count_weighted_over_ranks():
     """Two gloo ranks with 1 and 4 KL rows: z is the mean over all 5 rows, not the mean of rank means.
     (The launcher, with its timeouts, and the full 2-rank loss tests are in test_distributed.py.)"""
-    from test_distributed import run_ranks
+    from ranks import run_ranks
 
     expected = (3.0 + 2.0) / 5  # count-weighted; the mean of rank means would be (3.0 + 0.5) / 2
     for z, kl in run_ranks(_worker):
