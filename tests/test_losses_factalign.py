@@ -242,3 +242,31 @@ def test_factalign_value_errors(bad):
         match = "kl_sentence_ids"
     with pytest.raises(ValueError, match=match):
         FactAlignLoss(backend="torch")(b.policy.h32, b.policy.w32, b.labels, b.desirable, **kwargs)
+
+
+def test_factalign_sentence_term_keeps_the_tail():
+    """Sentence-level KTO far on its good side costs σ(-x) (not the float32 ``1 - σ(x)``, exactly 0 there)."""
+    x = torch.tensor([18.0, 30.0])  # β_fg · Δ_s of a supported and an unsupported sentence, z_fg = 0
+    logps = torch.tensor([[x[0] / 0.5, -x[1] / 0.5]], requires_grad=True)
+    out = PF.factalign_loss(
+        logps, torch.zeros(1, 2), torch.tensor([True]), torch.tensor([[0, 1]]), torch.tensor([True, False]),
+        kl=0.0, fg_kl=0.0, fg_beta=0.5, loss_weight=0.0, fg_desirable_weight=1.0, fg_undesirable_weight=1.0,
+    )  # fmt: skip
+    expected = torch.sigmoid(-x.double()).mean()
+    torch.testing.assert_close(out.metrics["fg_loss"].double(), expected, rtol=1e-5, atol=0)
+    (grad,) = torch.autograd.grad(out.loss, logps)
+    assert (grad != 0).all()
+
+
+@pytest.mark.parametrize("fg_kl", [float("nan"), torch.tensor(float("-inf"))])
+def test_factalign_bad_given_fg_kl_is_a_value_error(fg_kl):
+    with pytest.raises(ValueError, match="fg_kl"):
+        PF.factalign_loss(
+            torch.zeros(1, 2),
+            torch.zeros(1, 2),
+            torch.tensor([True]),
+            torch.tensor([[0, 1]]),
+            torch.tensor([True, False]),
+            kl=0.0,
+            fg_kl=fg_kl,
+        )

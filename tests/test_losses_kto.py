@@ -230,3 +230,45 @@ def test_kl_reference_point_is_count_weighted_over_ranks():
     expected = (3.0 + 2.0) / 5  # count-weighted; the mean of rank means would be (3.0 + 0.5) / 2
     for z, kl in run_ranks(_worker):
         assert abs(z - expected) < 1e-6 and abs(kl - expected) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------- numerics
+@pytest.mark.parametrize("desirable", [True, False])
+def test_kto_keeps_the_tail_of_a_saturated_sigmoid(desirable):
+    """A row far on its good side costs σ(-x), not the float32 ``1 - σ(x)`` (0.6 % off at x = 12.7, exactly 0
+    past x ≈ 16.6): value and gradient match float64 at x from 5 to 60."""
+    x = torch.tensor([5.0, 12.7, 16.0, 20.0, 40.0, 60.0])  # β(Δ - z) for desirable rows, β(z - Δ) otherwise
+    beta = 0.5
+    delta = (x if desirable else -x) / beta
+    policy = delta.clone().requires_grad_(True)
+    labels = torch.full((6,), desirable)
+    out = PF.kto_loss(policy, torch.zeros(6), labels, kl=0.0, beta=beta)
+    (grad,) = torch.autograd.grad(out.loss, policy)
+    expected = torch.sigmoid(-x.double()) / 6  # per row: λ σ(-x), mean over the rows
+    torch.testing.assert_close(out.loss.double(), expected.sum(), rtol=1e-5, atol=0)
+    sign = -1.0 if desirable else 1.0  # d/dΔ of σ(β(z - Δ)) and of σ(β(Δ - z))
+    torch.testing.assert_close(
+        grad.double(), sign * beta * expected * torch.sigmoid(x.double()), rtol=1e-5, atol=0
+    )
+    assert (grad != 0).all()
+
+
+@pytest.mark.parametrize(
+    "kl", [float("nan"), float("inf"), torch.tensor(float("nan")), torch.tensor([0.1, 0.2])]
+)
+def test_kto_bad_given_kl_is_a_value_error(kl):
+    b = Batch(6)
+    with pytest.raises(ValueError, match="kl"):
+        KTOLoss(backend="torch")(
+            b.policy.h32,
+            b.policy.w32,
+            b.labels,
+            b.desirable,
+            kl=kl,
+            bias=b.policy.b32,
+            ref_hidden=b.ref.h32,
+            ref_weight=b.ref.w32,
+            ref_bias=b.ref.b32,
+        )
+    with pytest.raises(ValueError, match="kl"):
+        PF.kto_loss(torch.zeros(2), torch.zeros(2), torch.tensor([True, False]), kl=kl)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from reference import IGNORE, Head, logsig, make_labels, naive_token_logps
 
+
 # ---------------------------------------------------------------------------------------------- self-checks
 def test_naive_token_logps_by_hand():
     """The reference itself: one position by explicit softmax, ignored positions are 0, shift aligns."""

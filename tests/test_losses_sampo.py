@@ -133,7 +133,9 @@ def test_sampo_matches_naive_float64():
         *_completion_masks(labels), generator=torch.Generator().manual_seed(123)
     )
     assert (kept_c.sum() + kept_r.sum()) < (labels[:, 1:] != IGNORE).sum()  # this batch down-samples
-    loss64, metrics = naive_sampo(head_token_logps(policy, labels), head_token_logps(ref, labels), kept_c, kept_r, beta=0.2)
+    loss64, metrics = naive_sampo(
+        head_token_logps(policy, labels), head_token_logps(ref, labels), kept_c, kept_r, beta=0.2
+    )
     assert_loss_and_grads(out.loss, loss64, policy)
     assert_metrics(out.metrics, metrics)  # no nll_loss: unsampled chosen tokens were never computed
     assert set(out.metrics) == set(PAIR_METRICS)
@@ -193,7 +195,9 @@ def test_sampo_nll_weight_scores_full_chosen():
     kept_c, kept_r = PF.sampo_sample_masks(
         *_completion_masks(labels), generator=torch.Generator().manual_seed(9)
     )
-    loss64, _ = naive_sampo(head_token_logps(policy, labels), head_token_logps(ref, labels), kept_c, kept_r, beta=0.1)
+    loss64, _ = naive_sampo(
+        head_token_logps(policy, labels), head_token_logps(ref, labels), kept_c, kept_r, beta=0.1
+    )
     tok, mask = naive_token_logps(policy.h64, policy.w64, policy.b64, labels)
     nll = -tok[:B].sum() / mask[:B].sum()
     assert_loss_and_grads(out.loss, loss64 + 0.3 * nll, policy)
