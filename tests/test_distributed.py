@@ -28,6 +28,8 @@ from ranks import WORLD, run_ranks
 from reference import IGNORE, grad_tol, rel_err
 from reference import op_reference as reference
 
+pytestmark = pytest.mark.slow  # spawns gloo ranks: CI runs it, `-m "not slow"` skips it
+
 
 def _close(actual, expected, *, rtol=1e-5, atol=1e-6, what=""):
     torch.testing.assert_close(

@@ -222,6 +222,7 @@ def _worker(rank: int, world: int) -> tuple[float, float]:
     return float(z), float(out.metrics["kl"])
 
 
+@pytest.mark.slow  # spawns gloo ranks
 def test_kl_reference_point_is_count_weighted_over_ranks():
     """Two gloo ranks with 1 and 4 KL rows: z is the mean over all 5 rows, not the mean of rank means.
     (The launcher, with its timeouts, and the full 2-rank loss tests are in test_distributed.py.)"""

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from ranks import run_ranks
 from torch.utils._pytree import tree_map
 
+pytestmark = pytest.mark.slow  # spawns gloo ranks: CI runs it, `-m "not slow"` skips it
+
 V, T, B, BETA = 300, 8, 2, 0.5  # B pairs: rank r of 2 takes pair r
 
 

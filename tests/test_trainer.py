@@ -14,16 +14,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
-
+import transformers
 from prefuse.alignment import functional as Fn
 from prefuse.alignment.data import build_tokenizer, load_preference_data
 from prefuse.alignment.iterative import run_iterations
 from prefuse.alignment.methods import METHODS
 from prefuse.alignment.trainer import PreferenceConfig, PreferenceTrainer
 from reference import naive_cpo, naive_orpo, naive_simpo
+
+pytest.importorskip("accelerate")
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -391,6 +390,7 @@ def _cli(*args, cwd):
                           text=True, timeout=600, check=False)
 
 
+@pytest.mark.slow  # a subprocess importing transformers
 def test_cli_help_from_the_repo_root():
     done = _cli("--help", cwd=_ROOT)  # the checkout on sys.path must not break transformers' imports
     assert done.returncode == 0, done.stderr
@@ -398,6 +398,7 @@ def test_cli_help_from_the_repo_root():
         assert flag in done.stdout
 
 
+@pytest.mark.slow  # trains, then replays the steps in two more processes
 def test_cli_trains_and_compares_the_heads(tmp_path):
     done = _cli("--method", "kto", "--steps", "3", "--log-every", "1", "--batch-size", "2", "--vocab-size", "2048",
                 "--max-length", "48", "--compare-steps", "2", "--output-dir", str(tmp_path / "out"), cwd=tmp_path)

@@ -67,7 +67,9 @@ def checked_reference_point(name: str, value, like: Tensor) -> Tensor:
     ``ValueError`` naming ``name`` when it is not a single finite value (tensors: read in eager mode only)."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}"
+            )
         check_finite(name, value)
     else:
         check_real(name, value)

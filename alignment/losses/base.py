@@ -24,13 +24,16 @@ from torch import Tensor, nn
 POLICY_HEAD = "policy head (hidden, weight, bias; labels are its targets)"
 
 
-def check_token_mask(mask, rows: int | None = None) -> Tensor:
-    """The completion mask of a reduction: a 2-D bool tensor ``(rows, L)``, else ``ValueError``."""
+def check_token_mask(mask, *, paired: bool = False, name: str = "mask") -> Tensor:
+    """The completion mask of a reduction: a 2-D bool tensor ``(rows, L)`` (an even number of rows when
+    ``paired``), else ``ValueError`` naming ``name``."""
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
         shape = (tuple(mask.shape), mask.dtype) if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(f"mask must be a 2-D bool tensor (rows, L), got {shape}")
-    if rows is not None and mask.shape[0] != rows:
-        raise ValueError(f"mask has {mask.shape[0]} rows, expected {rows}")
+        raise ValueError(f"{name} must be a 2-D bool tensor (rows, L), got {shape}")
+    if paired and mask.shape[0] % 2:
+        raise ValueError(
+            f"{name} has {mask.shape[0]} rows; a paired loss takes 2B rows (chosen, then rejected)"
+        )
     return mask
 
 
@@ -55,7 +58,9 @@ def token_logps(name: str, logps, mask: Tensor) -> Tensor:
     """Per-token log-probs ``(rows, L)`` (float32), 0 outside ``mask``; ``ValueError`` naming ``name``."""
     if not isinstance(logps, Tensor) or not logps.dtype.is_floating_point or logps.shape != mask.shape:
         shape = tuple(logps.shape) if isinstance(logps, Tensor) else type(logps).__name__
-        raise ValueError(f"{name} must be per-token log-probs of mask's shape {tuple(mask.shape)}, got {shape}")
+        raise ValueError(
+            f"{name} must be per-token log-probs of mask's shape {tuple(mask.shape)}, got {shape}"
+        )
     if logps.device != mask.device:
         raise ValueError(f"{name} is on {logps.device} but mask is on {mask.device}")
     return torch.where(mask, logps.float(), 0.0)
@@ -280,9 +285,7 @@ class PairedLoss(FusedLinearLoss):
     def _pair_sums(policy_logps, ref_logps, mask, *, reference: bool = True):
         """``(policy, ref, lengths, B)``: ``(2B,)`` sums and completion lengths of a paired reduction's inputs
         (``ref`` None when reference-free, where ``ref_logps`` must be None)."""
-        mask = check_token_mask(mask)
-        if mask.shape[0] % 2:
-            raise ValueError(f"mask has {mask.shape[0]} rows; a paired loss takes 2B rows (chosen, then rejected)")
+        mask = check_token_mask(mask, paired=True)
         policy = sequence_logps("policy_logps", policy_logps, mask)
         if not reference:
             if ref_logps is not None:

@@ -103,7 +103,12 @@ class DPOLoss(PairedLoss):
         return self.loss_from_token_logps(policy, ref, mask)
 
     def loss_from_token_logps(
-        self, policy_logps: Tensor, ref_logps: Tensor, mask: Tensor, *, bco_delta: Tensor | float | None = None
+        self,
+        policy_logps: Tensor,
+        ref_logps: Tensor,
+        mask: Tensor,
+        *,
+        bco_delta: Tensor | float | None = None,
     ) -> LossOutput:
         """The loss from per-token log-probs: ``policy_logps`` ``(2B, L)`` (or sums ``(2B,)``), ``ref_logps``
         ``(2B, L)`` or sums ``(2B,)``, the completion ``mask`` ``(2B, L)`` (its row sums are the lengths).

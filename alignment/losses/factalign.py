@@ -150,7 +150,7 @@ class FactAlignLoss(KTOLoss):
         else:
             if kl_mask is None:
                 raise ValueError("kl_sentence_ids needs the KL rows' kl_mask")
-            kl_mask = check_token_mask(kl_mask)
+            kl_mask = check_token_mask(kl_mask, name="kl_mask")
             policy_kl = token_logps("policy_kl_logps", policy_kl_logps, kl_mask)
             ref_kl = token_logps("ref_kl_logps", ref_kl_logps, kl_mask)
         return factalign_loss(

@@ -155,7 +155,7 @@ class KTOLoss(FusedLinearLoss):
             return None, None
         if policy_kl_logps is None or ref_kl_logps is None or kl_mask is None:
             raise ValueError("the KL rows need policy_kl_logps, ref_kl_logps and kl_mask together")
-        kl_mask = check_token_mask(kl_mask)
+        kl_mask = check_token_mask(kl_mask, name="kl_mask")
         return (
             sequence_logps("policy_kl_logps", policy_kl_logps.detach(), kl_mask),
             sequence_logps("ref_kl_logps", ref_kl_logps.detach(), kl_mask),
@@ -181,7 +181,9 @@ class KTOLoss(FusedLinearLoss):
         policy_kl, ref_kl = self._kl_sums(policy_kl_logps, ref_kl_logps, kl_mask)
         return kto_loss(
             sequence_logps("policy_logps", policy_logps, mask),
-            sequence_logps("ref_logps", ref_logps.detach() if isinstance(ref_logps, Tensor) else ref_logps, mask),
+            sequence_logps(
+                "ref_logps", ref_logps.detach() if isinstance(ref_logps, Tensor) else ref_logps, mask
+            ),
             desirable,
             policy_kl_logps=policy_kl,
             ref_kl_logps=ref_kl,

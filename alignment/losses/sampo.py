@@ -101,7 +101,9 @@ class SamPOLoss(PairedLoss):
             self.seed.set_state(state["state"])
             return
         if self.seed is None:
-            raise ValueError("this SamPOLoss draws from the global RNG (seed=None): it has no generator state")
+            raise ValueError(
+                "this SamPOLoss draws from the global RNG (seed=None): it has no generator state"
+            )
         if state["seed"] != rank_seed(int(self.seed), self.rank()):
             raise ValueError(
                 f"the saved sampling stream was seeded with {state['seed']}, this loss (seed={self.seed}, rank "
@@ -171,15 +173,15 @@ class SamPOLoss(PairedLoss):
         """The loss from per-token log-probs ``(2B, L)`` of the policy and the reference (sums cannot be
         down-sampled) and the completion ``mask`` ``(2B, L)``. ``sampled_masks`` / ``ref_sampled_masks``: the
         kept ``(chosen, rejected)`` masks (``sample``); None draws them here."""
-        mask = check_token_mask(mask)
-        if mask.shape[0] % 2:
-            raise ValueError(f"mask has {mask.shape[0]} rows; a paired loss takes 2B rows (chosen, then rejected)")
+        mask = check_token_mask(mask, paired=True)
         b = mask.shape[0] // 2
         if sampled_masks is None:
             sampled_masks, drawn_ref = self.sample(mask)
             ref_sampled_masks = drawn_ref if ref_sampled_masks is None else ref_sampled_masks
         policy = token_logps("policy_logps", policy_logps, mask)
-        ref = token_logps("ref_logps", ref_logps.detach() if isinstance(ref_logps, Tensor) else ref_logps, mask)
+        ref = token_logps(
+            "ref_logps", ref_logps.detach() if isinstance(ref_logps, Tensor) else ref_logps, mask
+        )
         return sampo_loss(
             policy[:b], policy[b:], ref[:b], ref[b:], mask[:b], mask[b:], beta=self.beta,
             nll_weight=self.nll_weight, sampled_masks=sampled_masks, ref_sampled_masks=ref_sampled_masks,
