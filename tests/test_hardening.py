@@ -39,6 +39,7 @@ from prefuse.alignment import (
     SPPOLoss,
 )
 from prefuse.alignment import functional as PF
+from prefuse.alignment.methods import METHODS
 from prefuse.kernels import linear_logprobs, vocab_parallel_linear_logprobs
 from prefuse.kernels.linear_logprobs import naive_linear_logprobs
 from reference import SMOOTHING, grad_tol, naive_dpo, naive_kto, rel_err
@@ -378,8 +379,8 @@ def test_op_mixed_cuda_and_cpu_raise_value_error(which):
 
 
 # =============================================================================================== the losses
-PAIRED = ["dpo", "sampo", "sppo", "gpo", "simpo", "orpo", "cpo"]
-UNPAIRED = ["kto", "factalign"]
+PAIRED = [name for name, method in METHODS.items() if method.paired]
+UNPAIRED = [name for name, method in METHODS.items() if not method.paired]
 REFERENCE_FREE = ("simpo", "orpo", "cpo")
 
 
