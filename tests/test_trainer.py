@@ -358,6 +358,12 @@ def test_iterations_use_the_previous_policy_as_reference(tmp_path, tokenizer):
     assert any(moved)
 
 
+def test_reference_free_iterations_keep_no_reference(tmp_path, tokenizer):
+    result = run_iterations(_model("llama", tokenizer, 0), [_data("orpo")] * 2, processing_class=tokenizer,
+                            args=_config(tmp_path, "orpo", max_steps=1, logging_steps=1))
+    assert result.references == [None, None] and len(result.log_histories) == 2
+
+
 def test_iterations_with_lora_merge_the_adapter(tmp_path, tokenizer):
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(_model("llama", tokenizer, 0),
