@@ -17,7 +17,8 @@ Precomputed reference log-probs (``ref_chosen_logps`` / ``ref_rejected_logps`` /
 ``ref_kl_logps``) are stored per completion token (a list, one float per completion token) or as the
 completion's sum (one float, where the loss needs no more); the collators place per-token values where
 ``linear_logprobs(..., shift=True)`` puts a token's log-prob (position ``t - 1`` for the token at ``t``) and
-stack sums into ``(rows,)`` tensors. A batch holds one kind or the other.
+stack sums into ``(rows,)`` tensors. A batch holds one kind or the other. A KL row's sum is that of the row
+as this collator builds it (same partner prompt and truncation), as ``precompute_ref_logps`` computes it.
 
 Malformed features (a missing key, token ids that are not lists of non-negative ints, an empty completion, a
 ``label`` that is not a bool, win rates outside [0, 1] or NaN, non-finite scores, a per-token value list whose
