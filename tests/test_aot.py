@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from benchmarks import aot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +55,7 @@ def test_every_triton_kernel_module_is_found():
     assert "prefuse.kernels.linear_logprobs.compile_variants" not in modules  # the declaration, no kernels
 
 
+@pytest.mark.slow  # three sm_90 compiles in a subprocess
 def test_a_spilling_or_oversized_variant_fails_the_gate(tmp_path):
     """Three variants of one small kernel compiled for sm_90: the fitting one passes, the 128x128 fp32
     accumulator on one warp spills, the 256x256 dot needs 256 KiB of shared memory; the gate exits 1."""
