@@ -13,7 +13,8 @@ log-probs of the core op); the harness adds the backward. A contender that canno
 - ``cce``: Cut Cross-Entropy's ``linear_cross_entropy(reduction="none")`` as the per-token log-prob provider of
   the workload's formula (CUDA only; when ``cut-cross-entropy`` is installed).
 - ``prefuse``: ``prefuse.kernels.linear_logprobs`` for the core op, the ``prefuse.alignment`` loss modules
-  (default hyper-parameters and options: the loss-fused path, 3 GEMMs per policy token) for the losses.
+  (their ``forward(hidden, weight, labels, ...)``, default hyper-parameters and options: the loss-fused path,
+  3 GEMMs per policy token) for the losses.
 - ``prefuse-op``: the same loss modules on the op path (``path="op"``: ``linear_logprobs``, 4 GEMMs per policy
   token), on DPO and KTO: the loss-fused path's gain in the same run.
 """

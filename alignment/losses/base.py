@@ -1,10 +1,16 @@
 """Shared base of the loss modules: log-probs from hidden states through ``linear_logprobs``, the reference
 (hidden states under ``no_grad`` or precomputed log-probs), and the argument checks.
 
-Conventions (DESIGN.md, "Losses"): ``labels`` follow Hugging Face (aligned with ``input_ids``, ``-100`` on prompt
+Conventions: ``labels`` follow Hugging Face (aligned with ``input_ids``, ``-100`` on prompt
 and padding) and the module shifts (``shift=True``: ``hidden[:, t]`` predicts ``labels[:, t+1]``); paired losses
 take ``2B`` rows, chosen ``[:B]`` then rejected ``[B:]``; a sequence log-prob is the sum over its completion
 tokens (labels ``!= ignore_index`` after the shift).
+
+Every loss module has one public reduction, ``loss_from_token_logps(policy_logps, ref_logps, mask, ...)``:
+the loss from per-token log-probs ``(rows, L)`` (0 where not scored; the reference also as sums ``(rows,)``)
+and the completion mask ``(rows, L)``. ``forward`` computes the log-probs with ``linear_logprobs`` and calls
+it; a trainer that scores tokens another way (full logits, TRL's head) calls it directly, so the loss glue
+lives in one place.
 """
 
 from __future__ import annotations
@@ -19,19 +25,61 @@ from torch import Tensor, nn
 POLICY_HEAD = "policy head (hidden, weight, bias; labels are its targets)"
 
 
+def check_token_mask(mask, *, paired: bool = False, name: str = "mask") -> Tensor:
+    """The completion mask of a reduction: a 2-D bool tensor ``(rows, L)`` (an even number of rows when
+    ``paired``), else ``ValueError`` naming ``name``."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+        shape = (tuple(mask.shape), mask.dtype) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{name} must be a 2-D bool tensor (rows, L), got {shape}")
+    if paired and mask.shape[0] % 2:
+        raise ValueError(
+            f"{name} has {mask.shape[0]} rows; a paired loss takes 2B rows (chosen, then rejected)"
+        )
+    return mask
+
+
+def sequence_logps(name: str, logps, mask: Tensor) -> Tensor:
+    """Per-row sums ``(rows,)`` (float32) of per-token log-probs ``(rows, L)`` over ``mask``; sums ``(rows,)``
+    pass through. ``ValueError`` naming ``name`` for any other shape, dtype or device."""
+    if not isinstance(logps, Tensor) or not logps.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor, got {type(logps).__name__}")
+    if logps.device != mask.device:
+        raise ValueError(f"{name} is on {logps.device} but mask is on {mask.device}")
+    if logps.shape == mask.shape:
+        return torch.where(mask, logps.float(), 0.0).sum(-1)
+    if logps.shape == mask.shape[:1]:
+        return logps.float()
+    raise ValueError(
+        f"{name} must be per-token {tuple(mask.shape)} (mask's shape) or per-row sums ({mask.shape[0]},), "
+        f"got {tuple(logps.shape)}"
+    )
+
+
+def token_logps(name: str, logps, mask: Tensor) -> Tensor:
+    """Per-token log-probs ``(rows, L)`` (float32), 0 outside ``mask``; ``ValueError`` naming ``name``."""
+    if not isinstance(logps, Tensor) or not logps.dtype.is_floating_point or logps.shape != mask.shape:
+        shape = tuple(logps.shape) if isinstance(logps, Tensor) else type(logps).__name__
+        raise ValueError(
+            f"{name} must be per-token log-probs of mask's shape {tuple(mask.shape)}, got {shape}"
+        )
+    if logps.device != mask.device:
+        raise ValueError(f"{name} is on {logps.device} but mask is on {mask.device}")
+    return torch.where(mask, logps.float(), 0.0)
+
+
 class FusedLinearLoss(nn.Module):
     """Base of every loss module: holds the head options and computes (reference) log-probs.
 
     Keyword options shared by all losses (after each loss's own hyper-parameters):
 
     - ``ignore_index`` (-100): label of positions that are not scored.
-    - ``temperature`` (1.0), ``softcap`` (None), ``logit_scale`` (1.0): passed to ``linear_logprobs`` for the
-      policy and the reference (Gemma-2's ``final_logit_softcapping``; a head's logit multiplier, applied
-      before the softcap).
-    - ``backend`` ("auto"), ``deterministic`` (False): ``linear_logprobs`` backend options.
+    - ``temperature`` (1.0), ``softcap`` (None): passed to ``linear_logprobs`` for the policy and the reference
+      (Gemma-2's ``final_logit_softcapping``; ``temperature = 1 / logit_scale`` for heads that scale logits);
+      ``logit_scale`` (1.0): the op's logit multiplier, applied before the softcap.
     - ``path`` ("auto"): ``"auto"`` | ``"fused"`` | ``"op"``, how the policy's head is differentiated: the
       loss-fused path (logits, loss gradient and head gradients in one pass, 3 GEMMs per policy token) or
       ``linear_logprobs`` (4 GEMMs); ``prefuse.alignment.losses.fused`` states the rules and the fallbacks.
+    - ``backend`` ("auto"), ``deterministic`` (False): ``linear_logprobs`` backend options.
 
     Bad arguments raise ``ValueError`` naming them. A NaN or infinite hidden state on a scored position makes
     that row's log-prob NaN (``linear_logprobs``' documented choice), hence the loss NaN: no exception and no
@@ -129,16 +177,6 @@ class FusedLinearLoss(nn.Module):
             backend=self.backend, deterministic=self.deterministic,
         )  # fmt: skip
 
-    def _head_logps(
-        self, names: str, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None, shift: bool
-    ) -> Tensor:
-        """``_logps`` with the op's ``ValueError`` prefixed by the loss's own argument ``names`` (the op calls
-        the labels ``targets``)."""
-        try:
-            return self._logps(hidden, weight, targets, bias, shift)
-        except ValueError as err:
-            raise ValueError(f"{names}: {err}") from err
-
     # ------------------------------------------------------------------ the policy's loss
     def fused_unsupported(self) -> str | None:
         """Why this loss cannot take the loss-fused path (None: it can). A loss whose terms couple the groups
@@ -162,21 +200,38 @@ class FusedLinearLoss(nn.Module):
             isinstance(t, Tensor) and t.requires_grad for t in (hidden, weight, bias)
         )
 
+    def _policy_logps(self, hidden, weight, targets, bias, shift) -> Tensor | None:
+        """The policy's per-token log-probs on the op path; None on the loss-fused path (``_policy_loss``
+        computes them with the loss)."""
+        if self.uses_fused_path(hidden, weight, bias):
+            return None
+        return self._head_logps(POLICY_HEAD, hidden, weight, targets, bias, shift)
+
     def _policy_loss(
-        self, hidden, weight, targets, bias, shift, loss, *, make_groups, make_chunk_loss=None
+        self, policy, hidden, weight, targets, bias, shift, loss, *, make_groups, make_chunk_loss=None
     ) -> LossOutput:
-        """``loss(logp)`` of the policy's per-token log-probs ``(rows, L)`` (0.0 where not scored), on the path
-        ``uses_fused_path`` picks. Called on the loss-fused path only: ``make_groups()`` returns the ``(rows,)``
-        group ids (rows that ``loss`` couples share an id) and ``make_chunk_loss()`` its ``chunk_loss`` (for a
-        ``loss`` that all-reduces a reference point: the chunks use the point computed once)."""
-        if not self.uses_fused_path(hidden, weight, bias):
-            return loss(self._head_logps(POLICY_HEAD, hidden, weight, targets, bias, shift))
+        """``loss(policy)`` on the op path (``policy`` from ``_policy_logps``); the loss-fused path when
+        ``policy`` is None. Called on that path only: ``make_groups()`` returns the ``(rows,)`` group ids (rows
+        that ``loss`` couples share an id) and ``make_chunk_loss()`` its ``chunk_loss`` (for a ``loss`` that
+        all-reduces a reference point: the chunks use the point computed once)."""
+        if policy is not None:
+            return loss(policy)
         chunk_loss = make_chunk_loss() if make_chunk_loss is not None else None
         return fused_policy_loss(
             hidden, weight, targets, bias, loss, groups=make_groups(), chunk_loss=chunk_loss,
             ignore_index=self.ignore_index, shift=shift, temperature=self.temperature, softcap=self.softcap,
             logit_scale=self.logit_scale, backend=self.backend, names=POLICY_HEAD,
         )  # fmt: skip
+
+    def _head_logps(
+        self, names: str, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None, shift: bool
+    ) -> Tensor:
+        """``_logps`` with the op's ``ValueError`` prefixed by the loss's own argument ``names`` (the op calls
+        the labels ``targets``)."""
+        try:
+            return self._logps(hidden, weight, targets, bias, shift)
+        except ValueError as err:
+            raise ValueError(f"{names}: {err}") from err
 
     def _reference(
         self,
@@ -255,29 +310,29 @@ class FusedLinearLoss(nn.Module):
 
 
 class PairedLoss(FusedLinearLoss):
-    """Base of the paired losses: per-sequence policy (and reference) sums of ``2B`` rows."""
+    """Base of the paired losses: ``2B`` rows, chosen ``[:B]`` then rejected ``[B:]``."""
 
-    def _paired_loss(
+    def _paired_logps(
         self,
         hidden,
         weight,
         labels,
         bias,
         shift,
-        pair_loss,
         *,
         ref_hidden=None,
         ref_weight=None,
         ref_bias=None,
         ref_logps=None,
         reference: bool = True,
-    ) -> LossOutput:
-        """``pair_loss(policy, ref, lengths, B)`` of the ``(2B,)`` policy and reference sequence sums and
-        completion lengths (``ref`` None when reference-free); the reference is scored first."""
-        rows = self._check_rows(hidden, labels, paired=True)
+    ):
+        """``(policy, ref, mask)``: per-token policy log-probs ``(2B, L)``, reference sums ``(2B,)`` (None
+        when reference-free) and the completion mask ``(2B, L)`` -- the arguments of ``loss_from_token_logps``."""
+        self._check_rows(hidden, labels, paired=True)
         if not isinstance(shift, bool):
             raise ValueError(f"shift must be a bool, got {shift!r}")
         mask = self._mask(labels, shift)
+        policy = self._policy_logps(hidden, weight, labels, bias, shift)
         ref = None
         if reference:
             ref = self._reference(
@@ -290,16 +345,23 @@ class PairedLoss(FusedLinearLoss):
                 shift=shift,
                 per_token=False,
             )
-        lengths, b = mask.sum(-1), rows // 2
-        return self._policy_loss(
-            hidden,
-            weight,
-            labels,
-            bias,
-            shift,
-            lambda tok: pair_loss(tok.sum(-1), ref, lengths, b),
-            make_groups=lambda: pair_groups(rows, labels.device),
-        )
+        return policy, ref, mask
+
+    @staticmethod
+    def _pair_sums(policy_logps, ref_logps, mask, *, reference: bool = True):
+        """``(policy, ref, lengths, B)``: ``(2B,)`` sums and completion lengths of a paired reduction's inputs
+        (``ref`` None when reference-free, where ``ref_logps`` must be None)."""
+        mask = check_token_mask(mask, paired=True)
+        policy = sequence_logps("policy_logps", policy_logps, mask)
+        if not reference:
+            if ref_logps is not None:
+                raise ValueError("this loss is reference-free; got ref_logps")
+            ref = None
+        elif ref_logps is None:
+            raise ValueError("ref_logps is required: per-token (2B, L) or per-row sums (2B,)")
+        else:
+            ref = sequence_logps("ref_logps", ref_logps.detach(), mask)
+        return policy, ref, mask.sum(-1), mask.shape[0] // 2
 
 
 class ReferenceFreePairedLoss(PairedLoss):
@@ -322,15 +384,17 @@ class ReferenceFreePairedLoss(PairedLoss):
         self._reject_reference(
             ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps
         )
-        return self._paired_loss(
-            hidden,
-            weight,
-            labels,
-            bias,
-            shift,
-            lambda policy, _, lengths, b: self._pair_loss(policy[:b], policy[b:], lengths[:b], lengths[b:]),
-            reference=False,
-        )
+        policy, _, mask = self._paired_logps(hidden, weight, labels, bias, shift, reference=False)
+        return self._policy_loss(
+            policy, hidden, weight, labels, bias, shift, lambda tok: self.loss_from_token_logps(tok, None, mask),
+            make_groups=lambda: pair_groups(mask.shape[0], mask.device),
+        )  # fmt: skip
+
+    def loss_from_token_logps(self, policy_logps: Tensor, ref_logps: None, mask: Tensor) -> LossOutput:
+        """The loss from the policy's per-token log-probs ``(2B, L)`` (or sums ``(2B,)``) and the completion
+        mask ``(2B, L)``; ``ref_logps`` must be None (reference-free)."""
+        policy, _, lengths, b = self._pair_sums(policy_logps, ref_logps, mask, reference=False)
+        return self._pair_loss(policy[:b], policy[b:], lengths[:b], lengths[b:])
 
     def _pair_loss(
         self, chosen: Tensor, rejected: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor

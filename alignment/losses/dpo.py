@@ -7,6 +7,7 @@ import torch.distributed as dist
 from prefuse.alignment.functional._common import batch_mean
 from prefuse.alignment.functional.dpo import check_dpo_options, dpo_loss
 from prefuse.alignment.losses.base import PairedLoss
+from prefuse.alignment.losses.fused import pair_groups
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
 
@@ -26,8 +27,7 @@ class DPOLoss(PairedLoss):
         label_smoothing: ε for ``sigmoid`` (cDPO), ``robust`` and ``exo_pair``.
         nll_weight: weight of the chosen-token NLL (RPO's α).
         discopop_tau: DiscoPOP's temperature τ.
-        **options: ``FusedLinearLoss``'s ``ignore_index``, ``temperature``, ``softcap``, ``logit_scale``,
-            ``backend``, ``deterministic``, ``path``.
+        **options: ``ignore_index``, ``temperature``, ``softcap``, ``backend``, ``deterministic``.
 
     ``forward`` returns ``LossOutput`` with ``rewards/{chosen,rejected,accuracies,margins}``,
     ``logps/{chosen,rejected}`` and ``nll_loss``.
@@ -90,25 +90,20 @@ class DPOLoss(PairedLoss):
         """Args: ``hidden`` ``(2B, T, D)``, ``weight`` ``(V, D)``, ``labels`` ``(2B, T)`` (-100 off the
         completion), ``bias`` ``(V,)``; the reference as ``ref_hidden`` + ``ref_weight`` (+ ``ref_bias``) or
         ``ref_logps`` (sums ``(2B,)`` or per-token ``(2B, T-1)``)."""
-        return self._paired_loss(
+        policy, ref, mask = self._paired_logps(
             hidden,
             weight,
             labels,
             bias,
             shift,
-            self._dpo_loss,
             ref_hidden=ref_hidden,
             ref_weight=ref_weight,
             ref_bias=ref_bias,
             ref_logps=ref_logps,
         )
-
-    def _dpo_loss(self, policy: Tensor, ref: Tensor, lengths: Tensor, b: int) -> LossOutput:
-        delta = self._bco_delta(policy, ref) if self.loss_type == "bco_pair" else None
-        return dpo_loss(
-            policy[:b], policy[b:], ref[:b], ref[b:], beta=self.beta, loss_type=self.loss_type,
-            label_smoothing=self.label_smoothing, nll_weight=self.nll_weight, chosen_lengths=lengths[:b],
-            rejected_lengths=lengths[b:], discopop_tau=self.discopop_tau, bco_delta=delta,
+        return self._policy_loss(
+            policy, hidden, weight, labels, bias, shift, lambda tok: self.loss_from_token_logps(tok, ref, mask),
+            make_groups=lambda: pair_groups(mask.shape[0], mask.device),
         )  # fmt: skip
 
     def fused_unsupported(self) -> str | None:
@@ -118,6 +113,26 @@ class DPOLoss(PairedLoss):
                 "batch's policy rewards before the loss: each pair's gradient depends on all pairs' log-probs"
             )
         return None
+
+    def loss_from_token_logps(
+        self,
+        policy_logps: Tensor,
+        ref_logps: Tensor,
+        mask: Tensor,
+        *,
+        bco_delta: Tensor | float | None = None,
+    ) -> LossOutput:
+        """The loss from per-token log-probs: ``policy_logps`` ``(2B, L)`` (or sums ``(2B,)``), ``ref_logps``
+        ``(2B, L)`` or sums ``(2B,)``, the completion ``mask`` ``(2B, L)`` (its row sums are the lengths).
+        ``bco_delta`` overrides ``bco_pair``'s running mean (None: update and use it)."""
+        policy, ref, lengths, b = self._pair_sums(policy_logps, ref_logps, mask)
+        if self.loss_type == "bco_pair" and bco_delta is None:
+            bco_delta = self._bco_delta(policy, ref)
+        return dpo_loss(
+            policy[:b], policy[b:], ref[:b], ref[b:], beta=self.beta, loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing, nll_weight=self.nll_weight, chosen_lengths=lengths[:b],
+            rejected_lengths=lengths[b:], discopop_tau=self.discopop_tau, bco_delta=bco_delta,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefuse.alignment.functional._common import check_real
 from prefuse.alignment.functional.gpo import gpo_clamp_bounds, gpo_loss
 from prefuse.alignment.losses.base import PairedLoss
+from prefuse.alignment.losses.fused import pair_groups
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
 
@@ -17,8 +18,7 @@ class GPOLoss(PairedLoss):
     Args:
         beta: β (0.001 for the released GPO model).
         clamp: None, a bound ``c`` (targets clamped to ``[-c, c]``) or ``(low, high)``.
-        **options: ``FusedLinearLoss``'s ``ignore_index``, ``temperature``, ``softcap``, ``logit_scale``,
-            ``backend``, ``deterministic``, ``path``.
+        **options: ``ignore_index``, ``temperature``, ``softcap``, ``backend``, ``deterministic``.
     """
 
     def __init__(
@@ -45,26 +45,30 @@ class GPOLoss(PairedLoss):
         shift: bool = True,
     ) -> LossOutput:
         """``DPOLoss.forward``'s arguments plus ``s_chosen``, ``s_rejected``: ``(B,)`` preference scores."""
-        return self._paired_loss(
+        policy, ref, mask = self._paired_logps(
             hidden,
             weight,
             labels,
             bias,
             shift,
-            lambda policy, ref, _, b: gpo_loss(
-                policy[:b],
-                policy[b:],
-                ref[:b],
-                ref[b:],
-                s_chosen,
-                s_rejected,
-                beta=self.beta,
-                clamp=self.clamp,
-            ),
             ref_hidden=ref_hidden,
             ref_weight=ref_weight,
             ref_bias=ref_bias,
             ref_logps=ref_logps,
+        )
+        return self._policy_loss(
+            policy, hidden, weight, labels, bias, shift,
+            lambda tok: self.loss_from_token_logps(tok, ref, mask, s_chosen=s_chosen, s_rejected=s_rejected),
+            make_groups=lambda: pair_groups(mask.shape[0], mask.device),
+        )  # fmt: skip
+
+    def loss_from_token_logps(
+        self, policy_logps: Tensor, ref_logps: Tensor, mask: Tensor, *, s_chosen: Tensor, s_rejected: Tensor
+    ) -> LossOutput:
+        """The loss from per-token log-probs (as ``DPOLoss.loss_from_token_logps``) and the ``(B,)`` scores."""
+        policy, ref, _, b = self._pair_sums(policy_logps, ref_logps, mask)
+        return gpo_loss(
+            policy[:b], policy[b:], ref[:b], ref[b:], s_chosen, s_rejected, beta=self.beta, clamp=self.clamp
         )
 
     def extra_repr(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from prefuse.alignment.functional._common import check_vector
 from prefuse.alignment.functional.kto import check_kto_options, kto_loss
-from prefuse.alignment.losses.base import FusedLinearLoss
+from prefuse.alignment.losses.base import FusedLinearLoss, check_token_mask, sequence_logps
 from prefuse.alignment.losses.fused import row_groups
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
@@ -15,15 +15,14 @@ class KTOLoss(FusedLinearLoss):
     """KTO (see ``prefuse.alignment.functional.kto``): with ``Δ = logπ - logπ_ref`` per row,
 
         z = max(0, mean Δ over the KL rows)   (detached; count-weighted over all ranks)
-        loss = (Σ_desirable λD(1 - σ(β(Δ - z))) + Σ_undesirable λU(1 - σ(β(z - Δ)))) / rows
+        loss = (Σ_desirable λD σ(β(z - Δ)) + Σ_undesirable λU σ(β(Δ - z))) / rows
 
     The KL rows (mismatched prompt/completion pairs) are scored without grad; ``kl=`` gives ``z`` instead.
 
     Args:
         beta: β.
         desirable_weight, undesirable_weight: λD, λU.
-        **options: ``FusedLinearLoss``'s ``ignore_index``, ``temperature``, ``softcap``, ``logit_scale``,
-            ``backend``, ``deterministic``, ``path``.
+        **options: ``ignore_index``, ``temperature``, ``softcap``, ``backend``, ``deterministic``.
     """
 
     def __init__(
@@ -35,7 +34,7 @@ class KTOLoss(FusedLinearLoss):
         self.desirable_weight = float(desirable_weight)
         self.undesirable_weight = float(undesirable_weight)
 
-    def _reference_and_kl(
+    def _rows_and_kl(
         self,
         hidden,
         weight,
@@ -55,18 +54,16 @@ class KTOLoss(FusedLinearLoss):
         shift,
         per_token: bool,
         kl_per_token: bool,
-    ):
-        """The reference log-probs of the rows, and the policy's and the reference's of the KL rows (``None``
-        when ``kl`` is given), all without grad: everything the loss needs before the policy's rows.
-
-        Returns ``(ref, policy_kl, ref_kl)``: per-token ``(rows, L)`` when ``per_token`` else sums; the KL ones
-        per-token when ``kl_per_token``.
-        """
+    ) -> dict:
+        """The keyword arguments of ``loss_from_token_logps`` for the rows and the KL rows (none when ``kl``
+        is given): per-token policy log-probs, the reference per-token when ``per_token`` (else sums), the KL
+        rows' reference per-token when ``kl_per_token`` (else sums), and the masks."""
         rows = self._check_rows(hidden, labels)
         if not isinstance(shift, bool):
             raise ValueError(f"shift must be a bool, got {shift!r}")
         check_vector("desirable", desirable, rows, dtype_kind="bool", device=hidden.device)
         mask = self._mask(labels, shift)
+        policy = self._policy_logps(hidden, weight, labels, bias, shift)
         ref = self._reference(
             hidden=ref_hidden,
             weight=ref_weight,
@@ -77,6 +74,7 @@ class KTOLoss(FusedLinearLoss):
             shift=shift,
             per_token=per_token,
         )
+        out = {"policy_logps": policy, "ref_logps": ref, "mask": mask, "desirable": desirable}
         if kl is not None:
             given = [
                 n
@@ -90,7 +88,7 @@ class KTOLoss(FusedLinearLoss):
             ]
             if given:
                 raise ValueError(f"pass either kl or the KL rows, not both (got kl and {', '.join(given)})")
-            return ref, None, None
+            return out
         if kl_hidden is None or kl_labels is None:
             raise ValueError(
                 f"{type(self).__name__} needs its reference point: pass kl_hidden and kl_labels (the mismatched "
@@ -116,9 +114,8 @@ class KTOLoss(FusedLinearLoss):
             logps_name="ref_kl_logps",
             what="the reference's log-probs of the KL rows",
         )
-        if not kl_per_token:
-            policy_kl = policy_kl.sum(-1)
-        return ref, policy_kl, ref_kl
+        out.update(policy_kl_logps=policy_kl, ref_kl_logps=ref_kl, kl_mask=kl_mask)
+        return out
 
     def forward(
         self,
@@ -145,31 +142,72 @@ class KTOLoss(FusedLinearLoss):
 
         Returns ``LossOutput`` with KTO's metrics (``kl``, ``count/*``, ``rewards/*_sum``, ...).
         """
-        ref, policy_kl, ref_kl = self._reference_and_kl(
+        inputs = self._rows_and_kl(
             hidden, weight, labels, desirable, kl_hidden=kl_hidden, kl_labels=kl_labels, kl=kl, bias=bias,
             ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
             ref_kl_hidden=ref_kl_hidden, ref_kl_logps=ref_kl_logps, shift=shift, per_token=False,
             kl_per_token=False,
         )  # fmt: skip
-        options = {
-            "beta": self.beta,
-            "desirable_weight": self.desirable_weight,
-            "undesirable_weight": self.undesirable_weight,
-        }
-
-        def loss(tok: Tensor) -> LossOutput:
-            return kto_loss(
-                tok.sum(-1), ref, desirable, policy_kl_logps=policy_kl, ref_kl_logps=ref_kl, kl=kl, **options
-            )
-
-        def make_chunk_loss():  # z, a statistic of the KL rows only, computed once (it all-reduces)
-            z = loss(torch.zeros(self._mask(labels, shift).shape, device=labels.device)).metrics["kl"]
-            return lambda tok: kto_loss(tok.sum(-1), ref, desirable, kl=z, **options).loss
-
         return self._policy_loss(
-            hidden, weight, labels, bias, shift, loss, make_groups=lambda: row_groups(hidden.shape[0], labels.device),
-            make_chunk_loss=make_chunk_loss,
+            inputs.pop("policy_logps"), hidden, weight, labels, bias, shift,
+            lambda tok: self.loss_from_token_logps(tok, **inputs, kl=kl),
+            make_groups=lambda: row_groups(labels.shape[0], labels.device),
+            make_chunk_loss=lambda: self._fixed_reference_point_loss(inputs, {"kl": kl}),
         )  # fmt: skip
+
+    def _fixed_reference_point_loss(self, inputs: dict, kl_rows: dict):
+        """The loss-fused path's chunk loss: ``loss_from_token_logps`` with the reference points (``kl``, and
+        FactAlign's ``fg_kl``) computed once from the KL rows (``inputs``' ``*kl*`` entries, or given in
+        ``kl_rows``: they all-reduce) and then passed as given values."""
+        zero = torch.zeros(inputs["mask"].shape, device=inputs["mask"].device)
+        metrics = self.loss_from_token_logps(zero, **inputs, **kl_rows).metrics
+        rows = {k: v for k, v in inputs.items() if k not in ("policy_kl_logps", "ref_kl_logps", "kl_mask")}
+        points = {name: metrics[name] for name in ("kl", "fg_kl") if name in kl_rows}
+        return lambda tok: self.loss_from_token_logps(tok, **rows, **points).loss
+
+    def _kl_sums(self, policy_kl_logps, ref_kl_logps, kl_mask) -> tuple:
+        """The KL rows' ``(policy, reference)`` sums, or ``(None, None)`` when none are given."""
+        if policy_kl_logps is None and ref_kl_logps is None:
+            return None, None
+        if policy_kl_logps is None or ref_kl_logps is None or kl_mask is None:
+            raise ValueError("the KL rows need policy_kl_logps, ref_kl_logps and kl_mask together")
+        kl_mask = check_token_mask(kl_mask, name="kl_mask")
+        return (
+            sequence_logps("policy_kl_logps", policy_kl_logps.detach(), kl_mask),
+            sequence_logps("ref_kl_logps", ref_kl_logps.detach(), kl_mask),
+        )
+
+    def loss_from_token_logps(
+        self,
+        policy_logps: Tensor,
+        ref_logps: Tensor,
+        mask: Tensor,
+        desirable: Tensor,
+        *,
+        policy_kl_logps: Tensor | None = None,
+        ref_kl_logps: Tensor | None = None,
+        kl_mask: Tensor | None = None,
+        kl: Tensor | float | None = None,
+    ) -> LossOutput:
+        """The loss from per-token log-probs: ``policy_logps`` ``(rows, L)`` (or sums), ``ref_logps``
+        ``(rows, L)`` or sums ``(rows,)``, the completion ``mask`` ``(rows, L)``, ``desirable`` ``(rows,)``
+        bool; the KL rows as ``policy_kl_logps`` / ``ref_kl_logps`` (per-token or sums) with their ``kl_mask``
+        ``(rows_kl, L_kl)``, or ``kl``."""
+        mask = check_token_mask(mask)
+        policy_kl, ref_kl = self._kl_sums(policy_kl_logps, ref_kl_logps, kl_mask)
+        return kto_loss(
+            sequence_logps("policy_logps", policy_logps, mask),
+            sequence_logps(
+                "ref_logps", ref_logps.detach() if isinstance(ref_logps, Tensor) else ref_logps, mask
+            ),
+            desirable,
+            policy_kl_logps=policy_kl,
+            ref_kl_logps=ref_kl,
+            kl=kl,
+            beta=self.beta,
+            desirable_weight=self.desirable_weight,
+            undesirable_weight=self.undesirable_weight,
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from prefuse.alignment.functional._common import check_real
 from prefuse.alignment.functional.sampo import rank_seed, sampo_loss, sampo_sample_masks
-from prefuse.alignment.losses.base import PairedLoss
+from prefuse.alignment.losses.base import PairedLoss, check_token_mask, token_logps
 from prefuse.alignment.losses.fused import pair_groups
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
@@ -38,8 +38,7 @@ class SamPOLoss(PairedLoss):
         nll_weight: weight of the chosen-token NLL over all chosen completion tokens.
         independent_ref_sample: compatibility with the authors' code (the reference draws its own sample);
             the default shares the sample, as the paper does.
-        **options: ``FusedLinearLoss``'s ``ignore_index``, ``temperature``, ``softcap``, ``logit_scale``,
-            ``backend``, ``deterministic``, ``path``.
+        **options: ``ignore_index``, ``temperature``, ``softcap``, ``backend``, ``deterministic``.
     """
 
     def __init__(
@@ -135,13 +134,11 @@ class SamPOLoss(PairedLoss):
             raise ValueError(f"shift must be a bool, got {shift!r}")
         b = rows // 2
         mask = self._mask(labels, shift)
-        gen = self.generator(hidden.device)
-        kept = sampo_sample_masks(mask[:b], mask[b:], generator=gen)
-        ref_kept = (
-            sampo_sample_masks(mask[:b], mask[b:], generator=gen) if self.independent_ref_sample else kept
-        )
+        kept, ref_kept = self.sample(mask)
         policy_keep = torch.cat([mask[:b] if self.nll_weight > 0 else kept[0], kept[1]])
         ref_keep = torch.cat(ref_kept)
+        targets = self._masked_targets(labels, policy_keep, shift)
+        policy = self._policy_logps(hidden, weight, targets, bias, shift)
         ref = self._reference(
             hidden=ref_hidden,
             weight=ref_weight,
@@ -153,25 +150,47 @@ class SamPOLoss(PairedLoss):
             per_token=True,
         )
         return self._policy_loss(
-            hidden,
-            weight,
-            self._masked_targets(labels, policy_keep, shift),
-            bias,
-            shift,
-            lambda policy: sampo_loss(
-                policy[:b],
-                policy[b:],
-                ref[:b],
-                ref[b:],
-                mask[:b],
-                mask[b:],
-                beta=self.beta,
-                nll_weight=self.nll_weight,
-                sampled_masks=kept,
-                ref_sampled_masks=ref_kept,
-            ),  # fmt: skip
-            make_groups=lambda: pair_groups(rows, labels.device),
+            policy, hidden, weight, targets, bias, shift,
+            lambda tok: self.loss_from_token_logps(tok, ref, mask, sampled_masks=kept, ref_sampled_masks=ref_kept),
+            make_groups=lambda: pair_groups(rows, mask.device),
+        )  # fmt: skip
+
+    def sample(self, mask: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """``(kept, ref_kept)``: the next draw of kept ``(chosen, rejected)`` masks for the completion mask
+        ``(2B, L)``, and the reference's (the same ones unless ``independent_ref_sample``)."""
+        b = mask.shape[0] // 2
+        gen = self.generator(mask.device)
+        kept = sampo_sample_masks(mask[:b], mask[b:], generator=gen)
+        ref_kept = (
+            sampo_sample_masks(mask[:b], mask[b:], generator=gen) if self.independent_ref_sample else kept
         )
+        return kept, ref_kept
+
+    def loss_from_token_logps(
+        self,
+        policy_logps: Tensor,
+        ref_logps: Tensor,
+        mask: Tensor,
+        *,
+        sampled_masks: tuple[Tensor, Tensor] | None = None,
+        ref_sampled_masks: tuple[Tensor, Tensor] | None = None,
+    ) -> LossOutput:
+        """The loss from per-token log-probs ``(2B, L)`` of the policy and the reference (sums cannot be
+        down-sampled) and the completion ``mask`` ``(2B, L)``. ``sampled_masks`` / ``ref_sampled_masks``: the
+        kept ``(chosen, rejected)`` masks (``sample``); None draws them here."""
+        mask = check_token_mask(mask, paired=True)
+        b = mask.shape[0] // 2
+        if sampled_masks is None:
+            sampled_masks, drawn_ref = self.sample(mask)
+            ref_sampled_masks = drawn_ref if ref_sampled_masks is None else ref_sampled_masks
+        policy = token_logps("policy_logps", policy_logps, mask)
+        ref = token_logps(
+            "ref_logps", ref_logps.detach() if isinstance(ref_logps, Tensor) else ref_logps, mask
+        )
+        return sampo_loss(
+            policy[:b], policy[b:], ref[:b], ref[b:], mask[:b], mask[b:], beta=self.beta,
+            nll_weight=self.nll_weight, sampled_masks=sampled_masks, ref_sampled_masks=ref_sampled_masks,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, seed={self.seed!r}, nll_weight={self.nll_weight}, " + super().extra_repr()
