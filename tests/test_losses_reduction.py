@@ -59,8 +59,9 @@ def _assert_same(a, b, leaves):
     assert a.metrics.keys() == b.metrics.keys()
     for key in a.metrics:
         torch.testing.assert_close(a.metrics[key], b.metrics[key], rtol=1e-6, atol=1e-7, msg=key)
+    # the forward differentiates on the loss-fused path (its own GEMM order): gradients agree to fp32 rounding
     for ga, gb in zip(torch.autograd.grad(a.loss, leaves), torch.autograd.grad(b.loss, leaves)):
-        torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(PAIRED))
