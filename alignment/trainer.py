@@ -28,6 +28,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
+from prefuse.alignment import checkpoints
 from prefuse.alignment.model_head import adapter_disabled, forward_hidden, head_options, is_peft_model
 from prefuse.alignment.output import LossOutput
 from torch import Tensor, nn
@@ -502,28 +503,44 @@ class PreferenceTrainer(Trainer):
     # a PEFT base (adapter disabled) is the caller's and is not saved: pass the same one when resuming;
     # precomputed reference log-probs are recomputed at construction from the model (or ``ref_model``) given,
     # so build the resumed trainer from the initial policy, or pass the data set with its reference columns.
+    # A checkpoint counts once its manifest is written, after every file of every process
+    # (``prefuse.alignment.checkpoints``): resuming and rotation only ever see complete checkpoints.
     PREFUSE_STATE_NAME = "prefuse_state.pt"
     REFERENCE_WEIGHTS_NAME = "reference_model.safetensors"
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """``Trainer.train``; resuming first restores prefuse's checkpoint state (reference, SamPO stream)."""
+        """``Trainer.train``; resuming takes the newest complete checkpoint (``True``) or checks the one given,
+        then restores prefuse's checkpoint state (reference, SamPO stream) before the base class resumes."""
         if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+            resume_from_checkpoint = checkpoints.last_complete(self.args.output_dir)
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
-            self._load_prefuse_state(os.fspath(resume_from_checkpoint))
+            resume_from_checkpoint = os.fspath(resume_from_checkpoint)
+            checkpoints.verify(resume_from_checkpoint)
+            self._load_prefuse_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        """The base class's checkpoint, prefuse's state, then -- once every process is done -- the manifest that
+        makes it complete, and only then the rotation (``save_total_limit``) among complete checkpoints."""
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        self._save_prefuse_state(os.path.join(self._get_output_dir(trial=trial), folder))
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            checkpoints.unmark(folder)  # a step saved again is incomplete until its new manifest
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # the base class would rotate before this checkpoint is complete
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self._save_prefuse_state(folder)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            checkpoints.mark_complete(folder, self.state.global_step)
+            checkpoints.rotate(run_dir, limit, keep=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
 
     def _prefuse_state_file(self, checkpoint: str) -> str:
         name = self.PREFUSE_STATE_NAME
@@ -556,23 +573,21 @@ class PreferenceTrainer(Trainer):
     def _load_prefuse_state(self, checkpoint: str) -> None:
         path = self._prefuse_state_file(checkpoint)
         if not os.path.isfile(path):
-            warnings.warn(f"{checkpoint} has no {os.path.basename(path)} (not written by PreferenceTrainer): the "
-                          "reference and SamPO's sampling stream are not restored", stacklevel=3)
-            return
-        state = torch.load(path, weights_only=True)
+            raise ValueError(f"the checkpoint {checkpoint} has no {os.path.basename(path)}: it was saved by another "
+                             f"number of processes than this run's {self.args.world_size}")
+        state = checkpoints.load_state(path)
         if state.get("method") != self.method:
             raise ValueError(f"the checkpoint {checkpoint} was trained with method {state.get('method')!r}, this "
                              f"trainer runs {self.method!r}")
         if self.ref_source == "copy":
             weights = os.path.join(checkpoint, self.REFERENCE_WEIGHTS_NAME)
             if os.path.isfile(weights):
-                from safetensors.torch import load_model
-
-                load_model(self.ref_model, weights, device=str(self.args.device))
+                checkpoints.load_weights(self.ref_model, weights, str(self.args.device))
                 self._reference_weights_file = None
             else:
-                warnings.warn(f"{checkpoint} has no {self.REFERENCE_WEIGHTS_NAME}: the reference is the copy of "
-                              "the model this trainer was built with", stacklevel=3)
+                warnings.warn(f"{checkpoint} has no {self.REFERENCE_WEIGHTS_NAME} (its reference was "
+                              f"{state.get('ref_source')!r}): the reference is the copy of the model this trainer "
+                              "was built with", stacklevel=3)
         elif state.get("ref_source") != self.ref_source:
             warnings.warn(f"the checkpoint's reference was {state.get('ref_source')!r}, this trainer's is "
                           f"{self.ref_source!r}: the resumed losses differ from an uninterrupted run", stacklevel=3)
