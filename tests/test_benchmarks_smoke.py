@@ -10,10 +10,10 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import processes
 import pytest
 import torch
 
@@ -121,7 +121,7 @@ def test_measurement_in_a_fresh_process_grows_with_tokens():
 
 
 def test_command_line_writes_json_markdown_and_plots(tmp_path):
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, "-m", "benchmarks", "--device", "cpu", "--smoke", "--only", "dpo",
          "--out", str(tmp_path)],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600, check=False,
@@ -143,7 +143,7 @@ def test_command_line_writes_json_markdown_and_plots(tmp_path):
 
 def test_pytest_benchmark_entry_collects_and_runs():
     pytest.importorskip("pytest_benchmark")
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-disable", "-q", "-p", "no:cacheprovider",
          "-k", "tiny-d64-v512 and (naive or prefuse) and not fwd-prompt"],
         cwd=REPO, env={**_env(), "PREFUSE_BENCH_PRESET": "smoke"}, capture_output=True, text=True, timeout=600,

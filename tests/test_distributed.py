@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 from prefuse.alignment import DPOLoss, FactAlignLoss, KTOLoss, SamPOLoss
 from prefuse.alignment import functional as PF
 from prefuse.kernels import linear_logprobs, vocab_parallel_linear_logprobs
+from processes import kill_group
 from test_linear_logprobs import grad_tol, reference, rel_err
 from test_losses_reference import IGNORE
 
@@ -41,6 +42,7 @@ LAUNCH_TIMEOUT_S = 180
 def _entry(rank: int, world: int, init_file: str, out_dir: str, fn, args: tuple) -> None:
     import torch.distributed as dist
 
+    os.setpgid(0, 0)  # a group of its own: a timeout kills the rank with whatever it started (a compiler ...)
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -59,7 +61,8 @@ def run_ranks(fn, *args, world: int = WORLD, timeout: float = LAUNCH_TIMEOUT_S) 
     """``[fn(rank, world, *args) for each rank]``, each run in its own spawned process of a gloo group.
 
     A rank that raises fails the test with its traceback; a launch still running after ``timeout`` seconds is
-    killed and fails the test (a collective that never completes)."""
+    killed with everything each rank started (its process group) and fails the test (a collective that never
+    completes)."""
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.start_processes(
             _entry,
@@ -75,6 +78,7 @@ def run_ranks(fn, *args, world: int = WORLD, timeout: float = LAUNCH_TIMEOUT_S) 
                     pytest.fail(f"{world} gloo ranks still running after {timeout:.0f} s: a hang")
         finally:
             for process in ctx.processes:
+                kill_group(process.pid)
                 if process.is_alive():
                     process.kill()
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]

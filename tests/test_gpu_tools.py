@@ -4,11 +4,11 @@ table and how a CUDA launch picks its config (``triton_configs``), the tuning sw
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import processes
 import pytest
 import torch
 from prefuse.kernels.linear_logprobs import triton_configs as cfg
@@ -70,7 +70,7 @@ def test_dry_run_cli_prints_json_without_torch():
         "\nexcept SystemExit: pass"
         "\nassert 'torch' not in sys.modules and 'triton' not in sys.modules, 'dry run imported torch'"
     )
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = processes.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert [c["tokens"] for c in data["cases"]] == [n for n in floor.TOKENS for _ in floor.VARIANTS]
@@ -306,7 +306,7 @@ def test_tune_merge_plan_and_specialisation():
 
 
 def test_tune_list_runs_without_a_gpu():
-    out = subprocess.run([sys.executable, "-m", "benchmarks.tune", "--out", "unused", "--list"],
+    out = processes.run([sys.executable, "-m", "benchmarks.tune", "--out", "unused", "--list"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0].startswith("llama3-8b N=16384 fwd: _forward_kernel (")
@@ -318,9 +318,9 @@ SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 
 
 def test_gpu_session_script_parses():
-    out = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
+    out = processes.run(["bash", "-n", str(SCRIPT)], timeout=60)
     assert out.returncode == 0, out.stderr
-    usage = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, cwd=ROOT)
+    usage = processes.run(["bash", str(SCRIPT)], cwd=ROOT, timeout=60)
     assert usage.returncode == 2 and "gpu_session.sh check" in usage.stdout
 
 
@@ -343,7 +343,7 @@ def test_gpu_session_sanity_driver_under_the_interpreter(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(_heredoc("  cat >\"$WORK/driver.py\" <<'EOF'"))
     env = {**os.environ, "TRITON_INTERPRET": "1", "PREFUSE_DRIVER_SHAPE": "20,17,40,16,9"}
-    out = subprocess.run([sys.executable, str(driver)], cwd=ROOT, env=env, capture_output=True, text=True,
+    out = processes.run([sys.executable, str(driver)], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert "sanity: all within tolerance" in out.stdout
@@ -388,7 +388,7 @@ def test_gpu_session_plumbing_with_stub_tools(tmp_path):
         env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PYTHON": str(stubs / "python"),
                "OUT": str(out_dir), "GPU_SESSION_BUDGET_S": "6", "GPU_SESSION_RESERVE_S": "1",
                "GPU_SESSION_MIN_STEP_S": "1"}  # fmt: skip
-        run = subprocess.run(["bash", str(SCRIPT), command], cwd=ROOT, env=env, capture_output=True, text=True,
+        run = processes.run(["bash", str(SCRIPT), command], cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=120)  # fmt: skip
         assert run.returncode == 0, run.stderr
         files = {p.name for p in out_dir.iterdir()}

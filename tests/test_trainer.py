@@ -341,9 +341,9 @@ def test_iterations_with_lora_merge_the_adapter(tmp_path, tokenizer):
 
 # ---------------------------------------------------------------------------------------------- CLI
 def _cli(*args, cwd):
-    import subprocess
+    import processes
 
-    return subprocess.run([sys.executable, "-m", "prefuse.alignment", *args], cwd=cwd, capture_output=True,
+    return processes.run([sys.executable, "-m", "prefuse.alignment", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=600, check=False)
 
 
