@@ -2,7 +2,8 @@
 
 A test that runs a command (the CLI, a benchmark, ``accelerate launch``) or spawns ranks can time out while a
 grandchild -- a compiler building a JIT extension, a rank of a launcher -- still runs. Killing only the child
-would leave the grandchild holding a build lock or a port for the next run; killing the group leaves nothing.
+would leave the grandchild holding a build lock or a port for the next run; killing every process of the
+child's session leaves nothing.
 """
 
 from __future__ import annotations
@@ -15,11 +16,29 @@ import pytest
 
 
 def kill_group(pid: int) -> None:
-    """SIGKILL the process group led by ``pid`` (a child started with ``start_new_session=True``)."""
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    """SIGKILL everything of the session led by ``pid`` (a child started with ``start_new_session=True`` or that
+    called ``os.setsid()``): its process group and the groups its descendants made for themselves (ninja runs
+    every compiler in a group of its own), i.e. every process whose session id is ``pid``."""
+    for group in {pid, *_groups_of_session(pid)}:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _groups_of_session(sid: int) -> set[int]:
+    groups = set()
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp session ...
+        except OSError:
+            continue
+        if int(fields[3]) == sid:
+            groups.add(int(fields[2]))
+    return groups
 
 
 def run(command: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:

@@ -42,7 +42,7 @@ LAUNCH_TIMEOUT_S = 180
 def _entry(rank: int, world: int, init_file: str, out_dir: str, fn, args: tuple) -> None:
     import torch.distributed as dist
 
-    os.setpgid(0, 0)  # a group of its own: a timeout kills the rank with whatever it started (a compiler ...)
+    os.setsid()  # a session of its own: a timeout kills the rank with whatever it started (a compiler ...)
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -61,7 +61,7 @@ def run_ranks(fn, *args, world: int = WORLD, timeout: float = LAUNCH_TIMEOUT_S) 
     """``[fn(rank, world, *args) for each rank]``, each run in its own spawned process of a gloo group.
 
     A rank that raises fails the test with its traceback; a launch still running after ``timeout`` seconds is
-    killed with everything each rank started (its process group) and fails the test (a collective that never
+    killed with everything each rank started (its session) and fails the test (a collective that never
     completes)."""
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.start_processes(
