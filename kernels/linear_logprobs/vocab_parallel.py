@@ -164,13 +164,25 @@ def _check_arguments(
     temperature,
     softcap,
     backend,
+    deterministic,
     vocab_start,
     vocab_size,
     world,
 ) -> tuple[int, int, str]:
     """This rank's own checks: ``linear_logprobs``'s on the shard, then the shard's place in the vocabulary.
     Returns ``(vocab_start, vocab_end, resolved backend)``."""
-    validate_arguments(hidden, weight, targets, bias, ignore_index, shift, temperature, softcap, backend)
+    validate_arguments(
+        hidden,
+        weight,
+        targets,
+        bias,
+        ignore_index,
+        shift,
+        temperature,
+        softcap,
+        backend,
+        deterministic=deterministic,
+    )
     for name, value in (("vocab_start", vocab_start), ("vocab_size", vocab_size)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ValueError(f"{name} must be an int, got {value!r}")
@@ -286,8 +298,8 @@ def vocab_parallel_linear_logprobs(
     error, agreed = None, None
     try:
         vocab_start, vocab_end, backend = _check_arguments(
-            hidden, weight, targets, bias, ignore_index, shift, temperature, softcap, backend, vocab_start,
-            vocab_size, world,
+            hidden, weight, targets, bias, ignore_index, shift, temperature, softcap, backend, deterministic,
+            vocab_start, vocab_size, world,
         )  # fmt: skip
         agreed = {"vocab_start": vocab_start, "vocab_end": vocab_end, "vocab_size": int(vocab_size), "shift": shift,
                   "ignore_index": ignore_index, "temperature": temperature, "softcap": softcap}  # fmt: skip
