@@ -345,6 +345,7 @@ def _call_in_head_forward(linear: nn.Module, hidden: Tensor, fn, args: tuple, kw
     def forward(hidden_states: Tensor):
         weight, bias = linear.weight, getattr(linear, "bias", None)
         bias = bias if isinstance(bias, Tensor) else None
+        weight, bias = _unsharded_when_frozen(weight), _unsharded_when_frozen(bias)
         if weight.dtype != hidden_states.dtype:  # autocast: what nn.Linear would compute in
             weight, bias = weight.to(hidden_states.dtype), None if bias is None else bias.to(hidden_states.dtype)
         return fn(hidden_states, weight, *args, bias=bias, **kwargs)
@@ -358,6 +359,21 @@ def _call_in_head_forward(linear: nn.Module, hidden: Tensor, fn, args: tuple, kw
             linear.forward = previous
         else:
             del linear.forward
+
+
+def _unsharded_when_frozen(tensor: Tensor | None) -> Tensor | None:
+    """``tensor``, or its full value when it is an FSDP2 shard (a ``DTensor``) that no gradient flows to.
+
+    A head in a root group that reshards after its forward -- TRL shards its reference model so -- is still
+    sharded here (a root group has no hooks on the head). Without a gradient (a reference, under ``no_grad``)
+    gathering it is all the op needs; a trained head stays unsharded in the root group until its backward."""
+    if tensor is None or (tensor.requires_grad and torch.is_grad_enabled()):
+        return tensor
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return tensor
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 @contextlib.contextmanager

@@ -62,15 +62,8 @@ def test_every_config_is_shipped_and_found():
         config_path("zero2")
 
 
-FSDP2_TAIL_GROUP = pytest.mark.xfail(
-    strict=True,
-    reason="known fault: accelerate's FSDP2 puts the final norm and the lm-head in one group; the loss's second "
-    "call of the head inside that group segfaults in backward (test_sharded_head::test_fsdp2_norm_and_head_group)",
-)
-
-
 @pytest.mark.parametrize("kind", ["preference", "trl"])
-@pytest.mark.parametrize("config", ["ddp", "zero3", pytest.param("fsdp2", marks=FSDP2_TAIL_GROUP)])
+@pytest.mark.parametrize("config", list(CONFIGS))
 def test_accelerate_launch_two_processes_gives_the_single_process_loss(tmp_path, single, config, kind):
     if kind == "trl":
         pytest.importorskip("trl")
