@@ -1,11 +1,11 @@
 """The ``prefuse`` command: argument errors, version, the lm-head comparison, progress lines and the report."""
 
 import json
-import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
+import processes
 import pytest
 import torch
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _prefuse(*args, cwd, timeout=900):
-    return subprocess.run(
+    return processes.run(
         [sys.executable, "-m", "prefuse", *args],
         cwd=cwd,
         capture_output=True,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import processes
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +19,7 @@ def _run_at_root(code: str, tmp_path: Path, timeout: int = 900) -> subprocess.Co
     """``code`` in a fresh interpreter whose working directory is the repository root (as after the README's
     commands), the temporary folder of ``tmp_path`` as ``TMPDIR`` (the blocks write only there)."""
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    return subprocess.run(
+    return processes.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
         env=env,
@@ -55,7 +56,7 @@ def test_the_root_folder_steps_aside_for_an_installed_kernels(tmp_path):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("__version__ = '0.9.0'\nWHO = 'the installed kernels'\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
-    done = subprocess.run(
+    done = processes.run(
         [sys.executable, "-c", "import kernels, prefuse.kernels; print(kernels.WHO)"],
         cwd=ROOT,
         env=env,
