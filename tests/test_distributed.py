@@ -562,7 +562,12 @@ def _vp_faults_worker(rank: int, world: int) -> dict:
         kwargs = {"weight": weight[start:end], "targets": targets, "vocab_start": start, **change}
         try:
             vocab_parallel_linear_logprobs(
-                hidden, kwargs.pop("weight"), kwargs.pop("targets"), vocab_size=vocab, backend="torch", **kwargs
+                hidden,
+                kwargs.pop("weight"),
+                kwargs.pop("targets"),
+                vocab_size=vocab,
+                backend="torch",
+                **kwargs,
             )
         except ValueError as err:
             errors[name] = str(err)

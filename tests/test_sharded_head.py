@@ -291,8 +291,8 @@ def _zero3_rank(rank: int, world: int) -> dict:
 
     # DeepSpeed's CPU accelerator would JIT-compile its shared-memory all-reduce (a C++ op: a minute of compiling
     # on a small machine, into TORCH_EXTENSIONS_DIR); gloo does the same reductions, and this test is about the
-    # partitioned head, not the transport.
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # (deepspeed.comm.torch is torch)
+    # partitioned head, not the transport. (Imported by name: the attribute deepspeed.comm.torch is torch.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")  # joins run_ranks' gloo group
     config = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
