@@ -72,11 +72,13 @@ def _rows(batch, rank):
 def _trainer(ref_model):
     """The real ``PreferenceTrainer`` loss path (``preference_loss``) without a ``transformers.Trainer`` set-up."""
     from prefuse.alignment import DPOLoss
+    from prefuse.alignment.methods import get_method
     from prefuse.alignment.trainer import PreferenceTrainer
 
     trainer = PreferenceTrainer.__new__(PreferenceTrainer)
     trainer.args = types.SimpleNamespace(head="fused", loss_backend="torch")
     trainer.method, trainer.loss_module = "dpo", DPOLoss(BETA, backend="torch")
+    trainer.spec = get_method("dpo")
     trainer.ref_model, trainer.ref_source = ref_model, "model"
     return trainer
 
