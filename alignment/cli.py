@@ -42,20 +42,21 @@ import resource
 import subprocess
 import time
 
-METHODS = ("dpo", "sampo", "kto", "factalign", "sppo", "gpo")
 _SHOWN = (("loss", "loss", "{:.4f}"), ("rewards/margins", "margin", "{:+.3f}"), ("rewards/accuracies", "acc", "{:.2f}"),
           ("rewards/chosen", "chosen", "{:+.3f}"), ("rewards/rejected", "rejected", "{:+.3f}"), ("kl", "kl", "{:.3f}"),
           ("fg_loss", "fg_loss", "{:.4f}"))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from prefuse.alignment.methods import METHODS
+
     parser = argparse.ArgumentParser(
         prog="prefuse",
         description="Train a tiny Llama with a prefuse preference loss on the bundled data (CPU, no downloads), "
                     "then compare prefuse's fused lm-head with the naive full-logits head on the same steps.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--method", choices=METHODS, default="dpo", help="preference loss")
+    parser.add_argument("--method", choices=tuple(METHODS), default="dpo", help="preference loss")
     parser.add_argument("--steps", type=int, default=30, help="training steps")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step (KTO/FactAlign: 2x rows)")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (AdamW, constant after warmup)")
@@ -91,6 +92,7 @@ def build_job(opts, *, steps: int, head: str = "fused"):
     """``(trainer, tokenizer)`` of the main job: the same model, data and batches for every head and run."""
     import torch
     from prefuse.alignment.data import build_tokenizer, load_preference_data
+    from prefuse.alignment.methods import get_method
     from prefuse.alignment.trainer import PreferenceConfig, PreferenceTrainer
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
@@ -111,7 +113,7 @@ def build_job(opts, *, steps: int, head: str = "fused"):
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(opts.seed)
     model = LlamaForCausalLM(config)
-    unpaired = opts.method in ("kto", "factalign")
+    unpaired = not get_method(opts.method).paired
     view = "unpaired" if unpaired else "paired"
     beta = opts.beta if opts.beta is not None else (0.1 if opts.method in ("sppo", "gpo") else None)
     args = PreferenceConfig(
@@ -282,12 +284,15 @@ def run(opts, argv: list[str]) -> dict:
           f"vocab={cfg.vocab_size} (tokenizer {len(tokenizer)} + padding rows), {n_params / 1e6:.2f}M parameters")
     print("  tokenizer : byte-level BPE trained locally on the bundled data, chat template")
     print(f"  data      : bundled preference set, {len(trainer.train_dataset)} train / {len(trainer.eval_dataset)} "
-          f"test {'rows' if opts.method in ('kto', 'factalign') else 'pairs'}")
+          f"test {'pairs' if trainer.spec.paired else 'rows'}")
     print(f"  loss      : prefuse.alignment.{trainer.loss_module!r}")
-    print(f"  reference : {trainer.ref_source.replace('_', ' ')} of the initial policy")
+    if trainer.ref_source == "none":
+        print("  reference : none (reference-free loss)")
+    else:
+        print(f"  reference : {trainer.ref_source.replace('_', ' ')} of the initial policy")
     before = trainer.evaluate()
     print(f"eval before : {_format(before, 'eval_')}")
-    unit = "x2 rows" if opts.method in ("kto", "factalign") else "pairs"
+    unit = "pairs" if trainer.spec.paired else "x2 rows"
     print(f"training {opts.steps} steps (batch {opts.batch_size} {unit}, lr {opts.lr:g})", flush=True)
     trainer.train()
     after = trainer.evaluate()

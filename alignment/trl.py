@@ -6,8 +6,8 @@ hidden state through ``model_head.forward_hidden`` -- through the wrapped model'
 accelerate hooks run -- and ``prefuse.kernels.linear_logprobs`` scores the completion tokens inside the lm-head
 module's own forward (``CausalLMHead.apply``: FSDP2 / DeepSpeed ZeRO-3 hooks gather a sharded head for the op
 and its backward and reduce-scatter its gradient, as for the model's own head), then the loss is
-prefuse's (``prefuse.alignment.functional.dpo_loss`` for each of TRL's ``loss_type`` entries, ``KTOLoss`` for
-KTO). Metrics go through TRL's ``self._metrics`` under TRL's names.
+prefuse's (``DPOLoss.loss_from_token_logps`` for each of TRL's ``loss_type`` entries, ``KTOLoss`` for KTO).
+Metrics go through TRL's ``self._metrics`` under TRL's names.
 
 Tested with TRL 1.16.0 (``pip install 'prefuse[trl]'``). The TRL options that matter for the loss are honoured:
 ``beta``, ``loss_type`` (a list, with ``loss_weights``), ``label_smoothing`` (where TRL uses it: ``robust``,
@@ -40,8 +40,9 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without TRL
     raise ImportError("prefuse.alignment.trl needs TRL: pip install 'prefuse[trl]'") from err
 
-from prefuse.alignment import KTOLoss
+from prefuse.alignment import DPOLoss, KTOLoss
 from prefuse.alignment import functional as Fn
+from prefuse.alignment.functional._common import chosen_nll
 from prefuse.alignment.model_head import adapter_disabled, forward_hidden, head_options, is_peft_model
 from prefuse.kernels import linear_logprobs
 
@@ -130,6 +131,11 @@ class PrefuseDPOTrainer(DPOTrainer):
         if getattr(self, "aux_loss_enabled", False):
             raise ValueError("PrefuseDPOTrainer (prefuse) does not support the MoE router auxiliary loss")
         self.prefuse_options = head_options(self.model)
+        self.prefuse_losses = {
+            t: DPOLoss(self.beta, loss_type=t, discopop_tau=self.args.discopop_tau,
+                       label_smoothing=self.label_smoothing if t in _LABEL_SMOOTHED else 0.0)
+            for t in self.loss_types if t != "sft"
+        }  # fmt: skip
 
     @staticmethod
     def _check_args(args) -> None:
@@ -150,25 +156,20 @@ class PrefuseDPOTrainer(DPOTrainer):
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
         policy = _token_logps(self, model, labels, model_kwargs, grad=True)
+        mask = labels[:, 1:] != -100
         chosen_logps, rejected_logps = policy.sum(-1).chunk(2)
         if self.precompute_ref_logps:
-            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
         else:
-            ref_chosen, ref_rejected = _reference_logps(self, labels, model_kwargs).sum(-1).chunk(2)
-        lengths = (labels[:, 1:] != -100).sum(-1)
-        chosen_lengths, rejected_lengths = lengths.chunk(2)
+            ref = _reference_logps(self, labels, model_kwargs)
+        ref_chosen, ref_rejected = (ref.sum(-1) if ref.dim() == 2 else ref).chunk(2)
 
         loss = 0.0
         for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
             if loss_type == "sft":  # TRL's SFT term: the chosen tokens' mean NLL
-                term = -chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
-            else:
-                term = Fn.dpo_loss(
-                    chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta=self.beta, loss_type=loss_type,
-                    label_smoothing=self.label_smoothing if loss_type in _LABEL_SMOOTHED else 0.0,
-                    chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-                    discopop_tau=self.args.discopop_tau, bco_delta=0.0 if loss_type == "bco_pair" else None,
-                ).loss  # fmt: skip
+                term = chosen_nll(chosen_logps, mask.chunk(2)[0].sum(-1))
+            else:  # TRL's bco_pair has no running-mean shift
+                term = self.prefuse_losses[loss_type].loss_from_token_logps(policy, ref, mask, bco_delta=0.0).loss
             loss = loss + weight * term
         self._log_dpo_metrics(mode, chosen_logps.detach(), rejected_logps.detach(), ref_chosen, ref_rejected,
                               inputs["attention_mask"])

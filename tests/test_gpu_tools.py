@@ -305,6 +305,7 @@ def test_tune_merge_plan_and_specialisation():
     assert tune._restore(("__dtype__", "bfloat16"), mock=False) is torch.bfloat16
 
 
+@pytest.mark.slow  # a subprocess that imports the tuning module and its Triton kernels
 def test_tune_list_runs_without_a_gpu():
     out = subprocess.run([sys.executable, "-m", "benchmarks.tune", "--out", "unused", "--list"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -336,6 +337,7 @@ def test_gpu_session_python_heredocs_compile():
     compile(_heredoc("  cat >\"$WORK/driver.py\" <<'EOF'"), "driver.py", "exec")
 
 
+@pytest.mark.slow  # the session's sanity driver in a subprocess, under the interpreter
 @pytest.mark.interpret
 def test_gpu_session_sanity_driver_under_the_interpreter(tmp_path):
     """The small-shape driver the GPU session runs plainly and under compute-sanitizer, at a smaller shape on

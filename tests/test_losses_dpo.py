@@ -8,61 +8,21 @@ import pytest
 import torch
 from prefuse.alignment import DPO_LOSS_TYPES, DPOLoss
 from prefuse.alignment import functional as PF
-from test_losses_reference import (
+from reference import (
     IGNORE,
     PAIR_METRICS,
+    SMOOTHING,
     Head,
     assert_loss_and_grads,
     assert_metrics,
-    logsig,
     make_labels,
+    naive_dpo,
     naive_pair_metrics,
     naive_seq_logps,
     naive_token_logps,
 )
 
 B, T, D, V = 3, 10, 16, 40
-SMOOTHING = {"sigmoid": 0.1, "robust": 0.1, "exo_pair": 0.05}
-
-
-def naive_dpo(pc, pr, rc, rr, lc, lr, *, beta, loss_type, eps=0.0, tau=0.05, delta=None):
-    """TRL's per-pair DPO losses in float64, written out formula by formula."""
-    sig = torch.sigmoid
-    if loss_type == "ipo":  # TRL: per-token averages of every log-prob
-        pc, pr, rc, rr = pc / lc, pr / lr, rc / lc, rr / lr
-    dc, dr = pc - rc, pr - rr
-    x = beta * (dc - dr)
-    if loss_type == "sigmoid":
-        losses = -(1 - eps) * logsig(x) - eps * logsig(-x)
-    elif loss_type == "ipo":
-        losses = ((dc - dr) - 1 / (2 * beta)) ** 2
-    elif loss_type == "hinge":
-        losses = torch.clamp(1 - x, min=0)
-    elif loss_type == "robust":
-        losses = ((1 - eps) * -logsig(x) - eps * -logsig(-x)) / (1 - 2 * eps)
-    elif loss_type == "exo_pair":
-        eps = eps or 1e-3
-        losses = sig(x) * (logsig(x) - math.log(1 - eps)) + sig(-x) * (logsig(-x) - math.log(eps))
-    elif loss_type == "nca_pair":
-        losses = -logsig(beta * dc) - 0.5 * logsig(-beta * dc) - 0.5 * logsig(-beta * dr)
-    elif loss_type == "bco_pair":
-        if delta is None:
-            delta = torch.cat([beta * dc, beta * dr]).mean().detach()
-        losses = -logsig(beta * dc - delta) - logsig(-(beta * dr - delta))
-    elif loss_type == "sppo_hard":
-        losses = (dc - 1 / (2 * beta)) ** 2 + (dr + 1 / (2 * beta)) ** 2
-    elif loss_type == "apo_zero":
-        losses = (1 - sig(beta * dc)) + sig(beta * dr)
-    elif loss_type == "apo_down":
-        losses = sig(beta * dc) + (1 - sig(x))
-    elif loss_type == "discopop":
-        m = sig(x / tau)
-        losses = -logsig(x) * (1 - m) + torch.exp(-x) * m
-    elif loss_type == "sigmoid_norm":
-        losses = -logsig(beta * (dc / lc - dr / lr))
-    else:
-        raise AssertionError(loss_type)
-    return losses.mean(), (pc, pr, beta * dc, beta * dr)
 
 
 def batch(seed: int, *, bias: bool = True):

@@ -9,14 +9,13 @@ import warnings
 
 import pytest
 import torch
+from prefuse.alignment.data import build_tokenizer, load_preference_data
 
 trl = pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")
-
-from prefuse.alignment.data import build_tokenizer, load_preference_data
-
 prefuse_trl = pytest.importorskip("prefuse.alignment.trl")
 PrefuseDPOTrainer, PrefuseKTOTrainer = prefuse_trl.PrefuseDPOTrainer, prefuse_trl.PrefuseKTOTrainer
+pytestmark = pytest.mark.slow  # trains TRL's trainers and the drop-ins: CI runs it, `-m "not slow"` skips it
 
 
 @pytest.fixture(scope="module")
