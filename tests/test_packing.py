@@ -3,8 +3,12 @@ packed layout's own arithmetic, and the error messages of malformed packed input
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import transformers
+from prefuse.alignment.data.packing import TokenBudgetBatchSampler, pack_batch
 from prefuse.alignment.methods import METHODS, get_method
 from prefuse.alignment.packing import PackedLayout, packed_targets, unpack_token_logps
 from prefuse.kernels import linear_logprobs
@@ -203,3 +207,144 @@ def test_unpack_token_logps_feeds_the_reductions():
     fresh = get_method("sampo").loss(seed=7)
     expected = loss.loss_from_token_logps(padded_tok, pad_kw["ref_logps"], main.labels[:, 1:] != IGNORE)
     torch.testing.assert_close(fresh.loss_from_token_logps(packed_tok, ref, mask).loss, expected.loss)
+
+
+# ---------------------------------------------------------------------------------------------- models and trainer
+FAMILIES = ("llama", "llama-tied", "gemma2-softcap", "qwen2", "mistral")
+
+
+def _family_model(kind: str, vocab: int, tokenizer):
+    t = transformers
+    common = {
+        "vocab_size": vocab,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    build = {
+        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**common)),
+        "llama-tied": lambda: t.LlamaForCausalLM(t.LlamaConfig(**common, tie_word_embeddings=True)),
+        "gemma2-softcap": lambda: t.Gemma2ForCausalLM(
+            t.Gemma2Config(**common, head_dim=8, final_logit_softcapping=2.0)
+        ),
+        "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**common)),
+        "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**common)),
+    }
+    torch.manual_seed(0)
+    model = build[kind]().float()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(4.0)  # logits large enough for the softcap to matter
+    return model
+
+
+def _trainer(tmp_path, method: str, family: str, **options):
+    from prefuse.alignment.data import build_tokenizer, load_preference_data
+    from prefuse.alignment.trainer import PreferenceConfig, PreferenceTrainer
+
+    tokenizer = build_tokenizer()
+    config = PreferenceConfig(
+        output_dir=str(tmp_path / "out"), method=method, beta=0.1, loss_backend="torch",
+        per_device_train_batch_size=4, max_length=48, max_prompt_length=24, report_to=[], save_strategy="no",
+        use_cpu=True, disable_tqdm=True, seed=7, **options,
+    )  # fmt: skip
+    data = load_preference_data("paired" if METHODS[method].paired else "unpaired", limit=4)
+    model = _family_model(family, len(tokenizer), tokenizer)
+    return PreferenceTrainer(model, args=config, train_dataset=data, processing_class=tokenizer)
+
+
+def _loss_and_grads(trainer, batch):
+    model = trainer.model
+    model.zero_grad()
+    out = trainer.preference_loss(model, batch)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+CASES = [
+    pytest.param(method, family, marks=() if family == "llama" or method == "dpo" else pytest.mark.slow)
+    for method in METHODS
+    for family in FAMILIES
+]
+
+
+@pytest.mark.parametrize(("method", "family"), CASES)
+def test_packed_batch_equals_padded_through_the_model(tmp_path, method, family):
+    """The whole step on a model: packed (position ids, no attention mask) equals padded -- loss, metrics and
+    every parameter's gradient, float32."""
+    trainer = _trainer(tmp_path, method, family)
+    features = [trainer.train_dataset[i] for i in range(4)]
+    padded = trainer.data_collator(features)
+    packed = pack_batch(padded)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    sampo = hasattr(trainer.loss_module, "generator_state")
+    out_pad, grads_pad = _loss_and_grads(trainer, padded)
+    if sampo:  # the packed batch draws from the same point of the stream
+        trainer.loss_module._generator = None
+    out_pack, grads_pack = _loss_and_grads(trainer, packed)
+    torch.testing.assert_close(out_pack.loss, out_pad.loss, rtol=2e-5, atol=2e-6)
+    for key, value in out_pad.metrics.items():
+        torch.testing.assert_close(out_pack.metrics[key], value, rtol=2e-5, atol=2e-6, msg=key)
+    assert grads_pad.keys() == grads_pack.keys() and grads_pad
+    for name, g in grads_pad.items():
+        scale = g.abs().max().clamp(min=1e-12)  # relative to the gradient's size: fp32 sums in another order
+        torch.testing.assert_close(
+            grads_pack[name] / scale, g / scale, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHODS))
+def test_padding_free_trainer_trains(tmp_path, method):
+    """``PreferenceConfig(padding_free=True)`` packs every batch and a short run trains (finite losses)."""
+    trainer = _trainer(tmp_path, method, "llama", padding_free=True, max_steps=2, logging_steps=1)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    assert batch["input_ids"].shape[0] == 1 and "sequence_ids" in batch
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+
+
+def test_padding_free_needs_the_fused_head(tmp_path):
+    from prefuse.alignment.trainer import PreferenceConfig
+
+    with pytest.raises(ValueError, match="padding_free"):
+        PreferenceConfig(
+            output_dir=str(tmp_path), padding_free=True, head="naive", use_cpu=True, report_to=[]
+        )
+
+
+def test_pack_batch_layout():
+    """Position ids restart per sequence, padding is gone, per-token reference values move with their token."""
+    batch = {
+        "input_ids": torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]),
+        "labels": torch.tensor([[-100, 6, 7, -100], [-100, 9, -100, -100]]),
+        "ref_logps": torch.tensor([[-1.0, -2.0, 0.0], [-3.0, 0.0, 0.0]]),
+        "desirable": torch.tensor([True, False]),
+    }
+    packed = pack_batch(batch)
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert packed["sequence_ids"].tolist() == [[0, 0, 0, 1, 1]]
+    assert packed["labels"].tolist() == [[-100, 6, 7, -100, 9]]
+    assert packed["ref_logps"].tolist() == [[-1.0, -2.0, 0.0, -3.0, 0.0]]
+    assert torch.equal(packed["desirable"], batch["desirable"]) and "attention_mask" not in packed
+    with pytest.raises(ValueError, match="right padding"):
+        pack_batch({**batch, "attention_mask": torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]])})
+
+
+def test_token_budget_batches():
+    lengths = [5, 3, 9, 2, 12, 4]
+    sampler = TokenBudgetBatchSampler(lengths, 10, shuffle=False)
+    assert list(sampler) == [[0, 1], [2], [3], [4], [5]]
+    shuffled = list(TokenBudgetBatchSampler(lengths, 10, seed=1))
+    assert sorted(i for b in shuffled for i in b) == list(range(6))
+    assert all(sum(lengths[i] for i in b) <= 10 or len(b) == 1 for b in shuffled)
+    with pytest.raises(ValueError, match="max_tokens"):
+        TokenBudgetBatchSampler(lengths, 0)
