@@ -32,12 +32,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from prefuse.alignment.data.packing import PackedCollator
+from prefuse.alignment.data.packing import PackedCollator, TokenBudgetBatchSampler, example_tokens
 from prefuse.alignment.methods import METHODS, get_method
 from prefuse.alignment.model_head import adapter_disabled, forward_hidden, head_options, is_peft_model
 from prefuse.alignment.output import LossOutput
 from prefuse.alignment.packing import packed_targets
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 
 HEADS = ("fused", "naive")
@@ -83,12 +84,17 @@ class PreferenceConfig(TrainingArguments):
     padding_free: bool = field(
         default=False, metadata={"help": "pack each batch's sequences into one row (no padding; position_ids)"}
     )
+    max_tokens_per_batch: int | None = field(
+        default=None, metadata={"help": "padding_free: training batches of at most this many tokens, not rows"}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         spec = get_method(self.method)
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.max_tokens_per_batch is not None and not self.padding_free:
+            raise ValueError("max_tokens_per_batch sizes packed batches: it needs padding_free=True")
         if self.padding_free and self.head != "fused":
             raise ValueError("padding_free=True needs head='fused' (the naive head scores padded rows only)")
         if self.precompute_ref_log_probs and spec.reference is None:
@@ -319,6 +325,19 @@ class PreferenceTrainer(Trainer):
             self.data_collator = PackedCollator(self.data_collator)
 
     # ------------------------------------------------------------------------------------------ data
+    def get_train_dataloader(self):
+        """The base class's loader, or with ``max_tokens_per_batch`` batches sized by their token count
+        (``TokenBudgetBatchSampler``, reshuffled every epoch from the config's seed)."""
+        if self.args.max_tokens_per_batch is None:
+            return super().get_train_dataloader()
+        dataset = self.train_dataset
+        lengths = [example_tokens(dataset[i]) for i in range(len(dataset))]
+        sampler = TokenBudgetBatchSampler(lengths, self.args.max_tokens_per_batch, seed=self.args.seed)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers,
+                            pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
+
     def _prepare_dataset(self, dataset, processing_class, args):
         from prefuse.alignment.data import tokenize_preference_data
         from prefuse.alignment.data.processing import unpair
