@@ -381,3 +381,21 @@ def test_cli_padding_free(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "step 2/2" in done.stdout and "1 test rows" in done.stdout  # one packed row
+
+
+def test_benchmark_padding_fraction_and_lengths():
+    from benchmarks.packing import generated_lengths, padding_fraction
+
+    # one batch of 1 pair: rows of 2 + 3 = 5 and 2 + 1 = 3 tokens, padded to 5: 2 of 10 slots are padding
+    assert padding_fraction([(2, 3, 1)], 1) == pytest.approx(0.2)
+    lengths = generated_lengths(64, max_length=128, seed=1)
+    assert lengths == generated_lengths(64, max_length=128, seed=1)
+    assert all(p <= 64 and p + max(c, r) <= 128 and min(p, c, r) >= 1 for p, c, r in lengths)
+
+
+@pytest.mark.slow  # tokenises the bundled data and times tiny steps
+def test_benchmark_section_runs():
+    from benchmarks.packing import section
+
+    text = section(pairs=8, pairs_per_batch=2, batches=1, max_length=64, hidden=16, layers=1, repeats=1)
+    assert "| bundled data |" in text and "| UltraFeedback-like (generated) |" in text
