@@ -198,6 +198,8 @@ def unpack_loss_inputs(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             if kwargs.get(name) is not None:
                 kwargs[name] = _lay_out(layout, kind, kwargs[name], name, shift=shift, ignore_index=ignore)
     if kl_sequence_ids is not None:
+        if kwargs.get("kl_hidden") is None or kwargs.get("kl_labels") is None:
+            raise ValueError("kl_sequence_ids lays out the KL rows: it needs kl_hidden and kl_labels")
         kl_layout = PackedLayout(kl_sequence_ids, name="kl_sequence_ids")
         for name, kind in _KL.items():
             if kwargs.get(name) is not None:

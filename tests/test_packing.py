@@ -180,6 +180,7 @@ def test_layout_targets_never_cross_a_sequence_boundary():
         ({"sequence_ids": torch.zeros(1, 5)}, "sequence_ids must be an integer"),
         ({"sequence_ids": torch.full((1, 5), -2)}, "sequence_ids must be -1"),
         ({"sequence_ids": torch.zeros(1, 4, dtype=torch.long)}, "hidden must be \\(1, 4, D\\)"),
+        ({"kl_sequence_ids": torch.zeros(1, 5, dtype=torch.long)}, "kl_sequence_ids lays out the KL rows"),
     ],
 )
 def test_malformed_packed_inputs_raise(kwargs, match):
