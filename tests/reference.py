@@ -162,7 +162,7 @@ def logsig(x):
 def rel_err(actual, expected):
     """Normwise relative error: max |actual - expected| / max |expected|."""
     scale = expected.abs().max().clamp_min(1e-30)
-    return ((actual.double() - expected).abs().max() / scale).item()
+    return ((actual.double().cpu() - expected).abs().max() / scale).item()
 
 
 def grad_tol(dtype):

@@ -296,3 +296,24 @@ def test_dpo_bco_pair_matches_liger_without_running_mean():
     out = PF.dpo_loss(p[:B], p[B:], r[:B], r[B:], loss_type="bco_pair", bco_delta=0.0)
     liger_loss, liger_grads, _ = _liger_dpo(policy, ref, labels, loss_type="bco_pair")
     _compare_with_liger(out.loss, policy, liger_loss, liger_grads)
+
+
+@pytest.mark.parametrize(
+    "loss_type, chosen, expected",
+    [
+        ("apo_zero", 200.0, lambda c, r: torch.sigmoid(-c) + torch.sigmoid(r)),  # σ(-βΔc) + σ(βΔr)
+        ("apo_down", -200.0, lambda c, r: torch.sigmoid(c) + torch.sigmoid(-(c - r))),  # σ(βΔc) + σ(-u)
+    ],
+)
+def test_apo_keeps_the_tail_of_a_saturated_sigmoid(loss_type, chosen, expected):
+    """APO's ``1 - σ(x)`` terms are evaluated as σ(-x): far on the good side (x = 20) they cost σ(-20), not the
+    float32 ``1 - σ(20) = 0``; the value and the gradient match float64."""
+    policy = torch.tensor([chosen], requires_grad=True)
+    rejected = torch.tensor([-400.0])  # β Δr = -40
+    out = PF.dpo_loss(policy, rejected, torch.zeros(1), torch.zeros(1), beta=0.1, loss_type=loss_type)
+    c64 = torch.tensor([chosen * 0.1], dtype=torch.float64, requires_grad=True)
+    loss64 = expected(c64, torch.tensor([-40.0], dtype=torch.float64)).sum()
+    torch.testing.assert_close(out.loss.double(), loss64.detach(), rtol=1e-5, atol=0)
+    (grad,) = torch.autograd.grad(out.loss, policy)
+    (grad64,) = torch.autograd.grad(loss64, c64)
+    torch.testing.assert_close(grad.double(), 0.1 * grad64, rtol=1e-4, atol=0)

@@ -9,6 +9,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from prefuse.kernels import TokenOutputs, linear_logprobs
 from prefuse.kernels.linear_logprobs import naive_linear_logprobs, naive_token_outputs
+from reference import grad_tol, rel_err
 
 ALL = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -53,15 +54,6 @@ def make_inputs(
     if len(shape) > 1 and shape[0] > 1:
         targets[-1] = -100
     return hidden.to(device), weight.to(device), targets.to(device), None if b is None else b.to(device)
-
-
-def rel_err(actual, expected):
-    scale = expected.abs().max().clamp_min(1e-30)
-    return ((actual.double().cpu() - expected).abs().max() / scale).item()
-
-
-def grad_tol(dtype):
-    return 1e-4 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
 
 
 def run_both(backend, hidden, weight, targets, bias, seed=1, **opts):
