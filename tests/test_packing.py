@@ -143,14 +143,15 @@ def assert_packed_equals_padded(name: str, ref_form: str, seed: int):
     assert set(packed.metrics) == set(padded.metrics)
     for key, value in padded.metrics.items():
         torch.testing.assert_close(packed.metrics[key], value, rtol=1e-5, atol=1e-6, msg=key)
-    torch.testing.assert_close(p_w, g_w, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(main.unpack_grad(p_h, h_pad), g_h, rtol=1e-5, atol=1e-6)
+    for got, want in ((p_w, g_w), (main.unpack_grad(p_h, h_pad), g_h)):
+        scale = want.abs().max()  # relative to the gradient's size: fp32 sums in another order
+        torch.testing.assert_close(got / scale, want / scale, rtol=1e-5, atol=1e-6)
     assert g_h.abs().sum() > 0 and g_w.abs().sum() > 0  # the comparison is not between zeros
 
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_packed_loss_equals_padded(name):
-    assert_packed_equals_padded(name, "hidden", seed=hash(name) % 1000)
+    assert_packed_equals_padded(name, "hidden", seed=list(METHODS).index(name))
 
 
 @pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.reference is not None])
