@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import processes
 import pytest
 import torch
 import transformers
@@ -372,10 +373,9 @@ def test_token_budget_needs_padding_free(tmp_path):
 
 @pytest.mark.slow  # a subprocess that trains and compares the heads
 def test_cli_padding_free(tmp_path):
-    import subprocess
     import sys
 
-    done = subprocess.run(
+    done = processes.run(
         [sys.executable, "-m", "prefuse.alignment", "--method", "factalign", "--steps", "2", "--log-every", "1",
          "--batch-size", "2", "--vocab-size", "2048", "--max-length", "48", "--compare-steps", "1",
          "--padding-free", "--output-dir", str(tmp_path / "out")],
