@@ -30,7 +30,7 @@ FG_METRICS = {
     "fg_logps/policy_rejected",
     "fg_logps/reference_rejected",
 }
-FG_KL_METRICS = {"fg_logps/policy_kl", "fg_logps/reference_kl"}
+FG_KL_METRICS = {"fg_logps/policy_KL", "fg_logps/reference_KL"}
 
 
 def make_sentences(labels: torch.Tensor, gen: torch.Generator, *, skip: float = 0.2):
@@ -117,8 +117,8 @@ def naive_factalign(
         kl_pol = torch.stack([ktok[ksid == s].sum() for s in kl_ids])
         kl_ref = torch.stack([krtok[ksid == s].sum() for s in kl_ids])
         z_fg = torch.clamp((kl_pol - kl_ref).mean(), min=0)
-        metrics["fg_logps/policy_kl"] = kl_pol.mean()
-        metrics["fg_logps/reference_kl"] = kl_ref.mean()
+        metrics["fg_logps/policy_KL"] = kl_pol.mean()
+        metrics["fg_logps/reference_KL"] = kl_ref.mean()
     d_s = pol_s - ref_s
     terms = [
         fwd * (1 - torch.sigmoid(fg_beta * (d_s[s] - z_fg)))
