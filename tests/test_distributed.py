@@ -562,7 +562,14 @@ def test_vocab_parallel_single_process_is_linear_logprobs():
         )
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "torch",
+        pytest.param("triton", marks=pytest.mark.interpret),
+        pytest.param("chunked", marks=pytest.mark.interpret),
+    ],
+)
 def test_kernels_give_zero_target_logit_outside_the_shard(backend):
     """The backends' contract that the vocab-parallel op relies on: a target outside [0, V) (negative, or past
     V by less than a vocab tile, which a masked column would otherwise match) contributes 0 to the target logit
@@ -575,8 +582,8 @@ def test_kernels_give_zero_target_logit_outside_the_shard(backend):
     rows = torch.arange(6)
     targets = torch.tensor([-1, 10, 11, 40, -7, 3])
     n_valid = torch.tensor([6])
-    logp, lse = op._forward_impl(backend)(
-        hidden.detach(), weight.detach(), None, rows, targets, n_valid, softcap=None, inv_temperature=1.0
+    logp, lse, _ = op._call_forward(
+        backend, hidden.detach(), weight.detach(), None, rows, targets, n_valid, None, 1.0, 1.0, False
     )
     z = hidden.detach() @ weight.detach().T
     expected_lse = torch.logsumexp(z, -1)
@@ -584,10 +591,11 @@ def test_kernels_give_zero_target_logit_outside_the_shard(backend):
     expected = torch.where(targets == 3, z[:, 3], 0.0) - expected_lse
     torch.testing.assert_close(logp, expected)
     g = torch.ones(6)
-    grad_h, grad_w, _ = op._backward_impl(backend)(
-        hidden.detach(), weight.detach(), None, rows, targets, n_valid, lse, g, softcap=None,
-        inv_temperature=1.0, need_hidden=True, need_weight=True, need_bias=False, deterministic=False,
-    )  # fmt: skip
+    options = dict(softcap=None, inv_temperature=1.0, logit_scale=1.0, need_hidden=True, need_weight=True,
+                   need_bias=False, deterministic=False, filter_eps=None)  # fmt: skip
+    grad_h, grad_w, _ = op._call_backward(
+        backend, hidden.detach(), weight.detach(), None, rows, targets, n_valid, lse, None, g, None, options
+    )
     target_part = torch.where(targets == 3, (hidden @ weight.T)[:, 3], 0.0)
     want = torch.autograd.grad((target_part - torch.logsumexp(hidden @ weight.T, -1)).sum(), [hidden, weight])
     torch.testing.assert_close(grad_h, want[0])

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from prefuse.kernels import linear_logprobs
-from prefuse.kernels.linear_logprobs import naive_linear_logprobs, op, torch_twin
+from prefuse.kernels.linear_logprobs import chunked, naive_linear_logprobs, op
 
 IMPLS = [
     pytest.param(("torch", "cpu"), id="torch-cpu"),
@@ -53,22 +53,34 @@ def make_inputs(shape=(2, 9), dim=19, vocab=67, dtype=torch.float32, device="cpu
     targets[..., : shape[-1] // 3] = ignore_index
     if len(shape) > 1 and shape[0] > 1:
         targets[-1] = ignore_index
-    move = lambda x: None if x is None else x.to(device)
+
+    def move(x):
+        return None if x is None else x.to(device)
+
     return move(hidden), move(weight), move(targets), move(b)
 
 
 def reference(hidden, weight, targets, bias, grad_out, **opts):
     """float64 values and gradients (of ``sum(grad_out * logp)``) from the naive full-logits computation."""
-    leaves = [x.detach().double().cpu().requires_grad_() for x in (hidden, weight) + ((bias,) if bias is not None else ())]
-    out = naive_linear_logprobs(leaves[0], leaves[1], targets.cpu(), leaves[2] if bias is not None else None, **opts)
+    leaves = [
+        x.detach().double().cpu().requires_grad_()
+        for x in (hidden, weight) + ((bias,) if bias is not None else ())
+    ]
+    out = naive_linear_logprobs(
+        leaves[0], leaves[1], targets.cpu(), leaves[2] if bias is not None else None, **opts
+    )
     grads = torch.autograd.grad((out * grad_out.double().cpu()).sum(), leaves)
     return out, grads
 
 
 def fused(impl, hidden, weight, targets, bias, grad_out, **opts):
     backend, _ = impl
-    leaves = [x.detach().clone().requires_grad_() for x in (hidden, weight) + ((bias,) if bias is not None else ())]
-    out = linear_logprobs(leaves[0], leaves[1], targets, leaves[2] if bias is not None else None, backend=backend, **opts)
+    leaves = [
+        x.detach().clone().requires_grad_() for x in (hidden, weight) + ((bias,) if bias is not None else ())
+    ]
+    out = linear_logprobs(
+        leaves[0], leaves[1], targets, leaves[2] if bias is not None else None, backend=backend, **opts
+    )
     grads = torch.autograd.grad((out * grad_out).sum(), leaves)
     return out, grads
 
@@ -169,7 +181,9 @@ def test_frozen_weight_computes_no_weight_gradient(impl, monkeypatch):
     """A frozen lm-head (LoRA, reference model): the backward is asked for no weight/bias gradient."""
     calls = []
     backward = op._backward_impl(impl[0])
-    monkeypatch.setattr(op, "_backward_impl", lambda backend: lambda *a, **k: calls.append(k) or backward(*a, **k))
+    monkeypatch.setattr(
+        op, "_backward_impl", lambda backend: lambda *a, **k: calls.append(k) or backward(*a, **k)
+    )
     hidden, weight, targets, bias = make_inputs(device=impl[1], bias=True)
     hidden.requires_grad_()
     linear_logprobs(hidden, weight, targets, bias, backend=impl[0]).sum().backward()
@@ -225,8 +239,8 @@ def test_twin_chunking_is_invisible(monkeypatch):
     inputs = make_inputs(bias=True)
     grad = torch.randn(inputs[2].shape)
     one_chunk = fused(("torch", "cpu"), *inputs, grad, softcap=4.0)
-    monkeypatch.setattr(torch_twin, "CHUNK_BUDGET_BYTES", 1)
-    assert torch_twin.chunk_rows(67, 4.0) == 1
+    monkeypatch.setattr(chunked, "CHUNK_BUDGET_BYTES", 1)
+    assert chunked.chunk_rows(67, torch.device("cpu")) == 1
     many_chunks = fused(("torch", "cpu"), *inputs, grad, softcap=4.0)
     torch.testing.assert_close(one_chunk[0], many_chunks[0])
     for a, b in zip(one_chunk[1], many_chunks[1]):
@@ -306,9 +320,7 @@ def _bad(**overrides):
 def test_bad_input_raises_value_error_naming_the_argument(overrides, match):
     args = _bad(**overrides)
     with pytest.raises(ValueError, match=match):
-        linear_logprobs(
-            args.pop("hidden"), args.pop("weight"), args.pop("targets"), args.pop("bias"), **args
-        )
+        linear_logprobs(args.pop("hidden"), args.pop("weight"), args.pop("targets"), args.pop("bias"), **args)
 
 
 @pytest.mark.gpu

@@ -94,16 +94,9 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, rows, local_targets, n_valid, group, world, options):
         softcap, inv_temperature, backend, _ = options
-        logp_r, lse_r = op._forward_impl(backend)(
-            hidden2d,
-            weight,
-            bias,
-            rows,
-            local_targets,
-            n_valid,
-            softcap=softcap,
-            inv_temperature=inv_temperature,
-        )
+        logp_r, lse_r, _ = op._call_forward(
+            backend, hidden2d, weight, bias, rows, local_targets, n_valid, softcap, inv_temperature, 1.0, False,
+        )  # fmt: skip
         parts = _all_gather(torch.stack([lse_r, logp_r + lse_r]), group, world)  # (world, 2, N)
         valid = torch.arange(rows.numel(), device=rows.device) < n_valid
         lse = torch.where(valid, torch.logsumexp(parts[:, 0], dim=0), 0.0)
@@ -117,10 +110,14 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         hidden2d, weight, bias, rows, local_targets, n_valid, lse = ctx.saved_tensors
         softcap, inv_temperature, backend, deterministic = ctx.options
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_h, grad_w, grad_b = op._backward_impl(backend)(
-            hidden2d, weight, bias, rows, local_targets, n_valid, lse, grad_logp.float().contiguous(),
-            softcap=softcap, inv_temperature=inv_temperature, need_hidden=need_hidden,
+        options = dict(
+            softcap=softcap, inv_temperature=inv_temperature, logit_scale=1.0, need_hidden=need_hidden,
             need_weight=need_weight, need_bias=need_bias and bias is not None, deterministic=deterministic,
+            filter_eps=None,
+        )  # fmt: skip
+        grad_h, grad_w, grad_b = op._call_backward(
+            backend, hidden2d, weight, bias, rows, local_targets, n_valid, lse, None,
+            grad_logp.float().contiguous(), None, options,
         )  # fmt: skip
         if grad_h is not None and ctx.world > 1:
             total = grad_h.float()  # summed in fp32 whatever the dtype: one rounding, after the sum
