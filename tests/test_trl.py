@@ -191,7 +191,7 @@ def test_a_short_training_run_logs_trl_metrics(tmp_path, tokenizer):
             "f_alpha_divergence_coef": 0.5,
             "loss_type": "sigmoid_norm",
         },
-        {"use_weighting": True, "ld_alpha": 0.3, "loss_type": ["robust", "hinge"], "label_smoothing": 0.2},
+        {"use_weighting": True, "ld_alpha": 0.3, "loss_type": ["robust", "sigmoid"], "label_smoothing": 0.2},
     ],
 )
 def test_dpo_options_trl_runs_without_logits_match_trl(tmp_path, tokenizer, extra):

@@ -190,7 +190,6 @@ def test_stand_in_returns_trl_outputs():
 
 
 # ---------------------------------------------------------------------------------------- every trainer
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind,extra",
     [
@@ -217,7 +216,6 @@ def test_dpo_patched_matches_trl(tmp_path, tokenizer, kind, extra, monkeypatch):
     assert_same(ours, theirs)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
 def test_kto_patched_matches_trl(tmp_path, tokenizer, loss_type, monkeypatch):
     data = load_preference_data("unpaired", limit=4).select_columns(["prompt", "completion", "label"])
@@ -243,7 +241,6 @@ def test_kto_patched_matches_trl(tmp_path, tokenizer, loss_type, monkeypatch):
     assert_same(ours, theirs)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["nll", "dft"])
 def test_sft_patched_matches_trl(tmp_path, tokenizer, loss_type, monkeypatch):
     data = load_preference_data("paired", limit=4).select_columns(["prompt", "chosen"])
