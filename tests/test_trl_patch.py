@@ -289,7 +289,7 @@ def _online(trainer_cls, config_cls, tmp_path, tokenizer, **extra):
 
 @pytest.mark.slow
 def test_grpo_patched_matches_trl(tmp_path, tokenizer, monkeypatch):
-    trainer, make_batch = _online(trl.GRPOTrainer, trl.GRPOConfig, tmp_path, tokenizer)
+    trainer, make_batch = _online(trl.GRPOTrainer, trl.GRPOConfig, tmp_path, tokenizer, temperature=0.7)
     ours, theirs = run_both(trainer, make_batch, monkeypatch)
     assert {"kl", "entropy", "reward", "clip_ratio/region_mean"} <= theirs[2].keys()
     assert theirs[2]["kl"][0] > 0
