@@ -121,8 +121,10 @@ def test_dpo_nll_weight_adds_chosen_token_nll():
 
 def test_dpo_exo_pair_refuses_zero_smoothing_as_trl():
     """EXO's loss has ``log ε``: ε = 0 is refused (TRL raises too) instead of silently taking another value."""
-    for make in (lambda: DPOLoss(loss_type="exo_pair", backend="torch"),
-                 lambda: PF.dpo_loss(*[torch.zeros(2)] * 4, loss_type="exo_pair")):
+    for make in (
+        lambda: DPOLoss(loss_type="exo_pair", backend="torch"),
+        lambda: PF.dpo_loss(*[torch.zeros(2)] * 4, loss_type="exo_pair"),
+    ):
         with pytest.raises(ValueError, match="label_smoothing must be > 0"):
             make()
 
