@@ -189,6 +189,31 @@ def test_stand_in_returns_trl_outputs():
     assert only_logps[1:] == (None, None, None, None)
 
 
+def test_stand_in_mixed_dtypes_and_no_scored_rows():
+    """``cast_lm_head_to_fp32`` hands fp32 hidden states and a bf16 head; a micro-batch without labels hands zero
+    rows. Both as TRL's function, gradients included."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(5, 16, generator=gen, requires_grad=True)
+    w = torch.randn(40, 16, generator=gen).bfloat16().requires_grad_()
+    y = torch.randint(0, 40, (5,), generator=gen)
+    args = (None, y, 1.0, 32768, None, 1.0, ("log_probs", "entropy"))
+    ours = prefuse_trl.PrefuseChunkedLogProb.apply(h, w, *args)
+    theirs = ChunkedLogProbFunction.apply(h, w, *args)
+    for got, want in zip(ours[:2], theirs[:2]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grads = [torch.autograd.grad(out[0].sum() + out[1].sum(), (h, w)) for out in (ours, theirs)]
+    for got, want in zip(*grads):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    empty = prefuse_trl.PrefuseChunkedLogProb.apply(
+        h[:0], w, None, y[:0], 1.0, 32768, None, 1.0, ("entropy",)
+    )
+    assert empty[0].shape == (0,) and empty[1].shape == (0,)
+    (empty[0].sum() + empty[1].sum()).backward()  # a differentiable zero, as TRL's
+
+
 # ---------------------------------------------------------------------------------------- every trainer
 @pytest.mark.parametrize(
     "kind,extra",
