@@ -327,3 +327,44 @@ def test_rloo_patched_matches_trl(tmp_path, tokenizer, monkeypatch):
     ours, theirs = run_both(trainer, make_batch, monkeypatch)
     assert {"kl", "entropy", "reward"} <= theirs[2].keys()
     assert_same(ours, theirs)
+
+
+def test_a_patched_training_run_logs_what_trl_logs(tmp_path, tokenizer):
+    """Two optimizer steps of ``SFTTrainer.train()`` with gradient accumulation, on TRL's head and patched: the
+    same log history (loss, grad norm, entropy, token accuracy), step by step."""
+    data = load_preference_data("paired", limit=8).select_columns(["prompt", "chosen"])
+    data = data.rename_column("chosen", "completion")
+    histories = []
+    for patched in (False, True):
+        config = trl.SFTConfig(
+            **options(
+                tmp_path,
+                max_length=64,
+                dataset_num_proc=None,
+                max_steps=2,
+                seed=3,
+                per_device_train_batch_size=2,
+                gradient_accumulation_steps=2,
+                learning_rate=1e-3,
+            )
+        )
+        trainer = build(
+            trl.SFTTrainer,
+            model=tiny_model(tokenizer, 0),
+            args=config,
+            train_dataset=data,
+            processing_class=tokenizer,
+        )
+        if patched:
+            prefuse_trl.patch_trl()
+        try:
+            trainer.train()
+        finally:
+            prefuse_trl.unpatch_trl()
+        histories.append([h for h in trainer.state.log_history if "loss" in h])
+    theirs, ours = histories
+    assert len(ours) == len(theirs) == 2
+    for got, want in zip(ours, theirs):
+        assert got.keys() == want.keys()
+        for key in ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), key
