@@ -9,13 +9,15 @@ import math
 import pytest
 import torch
 from prefuse.kernels import linear_logprobs
-from prefuse.kernels.linear_logprobs import chunked, naive_linear_logprobs, op
+from prefuse.kernels.linear_logprobs import naive_linear_logprobs, op
 
 IMPLS = [
     pytest.param(("torch", "cpu"), id="torch-cpu"),
     pytest.param(("triton", "cpu"), marks=pytest.mark.interpret, id="triton-interpret"),
+    pytest.param(("chunked", "cpu"), marks=pytest.mark.interpret, id="chunked-interpret"),
     pytest.param(("torch", "cuda"), marks=pytest.mark.gpu, id="torch-cuda"),
     pytest.param(("triton", "cuda"), marks=pytest.mark.gpu, id="triton-cuda"),
+    pytest.param(("chunked", "cuda"), marks=pytest.mark.gpu, id="chunked-cuda"),
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 OPTIONS = {
@@ -234,19 +236,6 @@ def test_non_contiguous_inputs_and_int32_targets(impl):
         assert rel_err(g.cpu(), rg) <= 1e-4
 
 
-def test_twin_chunking_is_invisible(monkeypatch):
-    """A budget that forces one-row chunks gives the same numbers as one big chunk."""
-    inputs = make_inputs(bias=True)
-    grad = torch.randn(inputs[2].shape)
-    one_chunk = fused(("torch", "cpu"), *inputs, grad, softcap=4.0)
-    monkeypatch.setattr(chunked, "CHUNK_BUDGET_BYTES", 1)
-    assert chunked.chunk_rows(67, torch.device("cpu")) == 1
-    many_chunks = fused(("torch", "cpu"), *inputs, grad, softcap=4.0)
-    torch.testing.assert_close(one_chunk[0], many_chunks[0])
-    for a, b in zip(one_chunk[1], many_chunks[1]):
-        torch.testing.assert_close(a, b)
-
-
 def test_nan_hidden_propagates_to_its_own_position():
     """Documented choice: a non-finite hidden state gives NaN at the positions that read it, nothing else."""
     hidden, weight, targets, _ = make_inputs(shape=(6,))
@@ -333,16 +322,21 @@ def test_mixed_devices_raise_value_error():
 @pytest.mark.gpu
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_triton_path_never_syncs_with_the_host(deterministic, monkeypatch):
-    """Plan, kernels and scatter run without a host sync once the (eager-only) target check is out of the way."""
+    """Plan, kernels and scatter of the all-fused backend run without a host sync once the (eager-only) target
+    check is out of the way (the chunked backends read ``n_valid`` to size their GEMMs)."""
     hidden, weight, targets, bias = make_inputs(shape=(4, 64), dim=64, vocab=1000, device="cuda", bias=True)
     leaves = [x.requires_grad_() for x in (hidden, weight, bias)]
-    out = linear_logprobs(*leaves[:2], targets, leaves[2], shift=True, deterministic=deterministic)
+    out = linear_logprobs(
+        *leaves[:2], targets, leaves[2], shift=True, deterministic=deterministic, backend="triton"
+    )
     torch.autograd.grad(out.sum(), leaves)  # warm-up: autotuning may sync
     torch.cuda.synchronize()
     monkeypatch.setattr(op, "validate_targets", lambda *args: None)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = linear_logprobs(*leaves[:2], targets, leaves[2], shift=True, deterministic=deterministic)
+        out = linear_logprobs(
+            *leaves[:2], targets, leaves[2], shift=True, deterministic=deterministic, backend="triton"
+        )
         torch.autograd.grad(out.sum(), leaves)
     finally:
         torch.cuda.set_sync_debug_mode("default")

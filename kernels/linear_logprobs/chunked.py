@@ -21,8 +21,9 @@ every output element is written by one GEMM or one pass, so the result is determ
 **GEMM precision.** fp32 inputs: ``torch.mm`` in fp32. bf16 / fp16 inputs on CUDA: ``torch.mm`` /
 ``torch.addmm`` in the input dtype with ``out_dtype=torch.float32`` (tensor cores, fp32 accumulation and fp32
 output, no rounding of the logits to the input dtype); ``dl`` is written in the input dtype for the two backward
-GEMMs. Elsewhere (torch's CPU ``mm`` has no ``out_dtype``) the operands are upcast to fp32 once per call, so the
-products are exact and accumulate in fp32 as well, and ``dl`` stays fp32.
+GEMMs. Where ``out_dtype`` is not available for the device and dtype (torch's CPU ``mm`` has none; the probe is
+``_has_fp32_out_mm``) the operands are upcast to fp32 once per call instead, so the products are exact and
+accumulate in fp32 as well, and ``dl`` stays fp32. The logits handed to the passes are fp32 on every path.
 
 **Compaction and the host sync.** The row plan sorts the scored rows first; only the first ``n_valid`` are
 gathered and multiplied. ``torch.mm`` needs the chunk shapes on the host, so ``n_valid`` is read once per forward
@@ -37,7 +38,8 @@ the GEMMs (treated as 0). For a skipped entry ``p < eps`` and no one-hot term, s
 
     |dl_ij| <= k * (|g_i| eps + |g_H,i| eps (|log eps| + H_i)) =: k * eps * e_i
 
-and the gradient errors are bounded by the sums over the skipped entries::
+(for ``eps > 1/e`` the term ``eps |log eps|`` becomes ``1/e``), and the gradient errors are bounded by the sums
+over the skipped entries::
 
     |d(dH)_i,d| <= sum_{j skipped} |dl_ij| |W_jd| <= k eps e_i sum_j |W_jd|
     |d(dW)_j,d| <= k eps sum_i e_i |h_id|,        |d(db)_j| <= k eps sum_i e_i
@@ -83,10 +85,10 @@ def _chunks(n: int, vocab: int, device: torch.device):
 
 
 @functools.cache
-def _has_fp32_out_mm(device_type: str) -> bool:
-    """Whether ``torch.mm(..., out_dtype=torch.float32)`` runs for half-precision inputs on this device type."""
+def _has_fp32_out_mm(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(..., out_dtype=torch.float32)`` runs for ``dtype`` inputs on this device type."""
     try:
-        a = torch.zeros(1, 1, dtype=torch.bfloat16, device=device_type)
+        a = torch.zeros(1, 1, dtype=dtype, device=device_type)
         torch.mm(a, a, out_dtype=torch.float32)
     except (RuntimeError, TypeError, NotImplementedError):
         return False
@@ -98,7 +100,7 @@ class _Gemms:
 
     def __init__(self, weight: Tensor):
         half = weight.dtype != torch.float32
-        self.mixed = half and _has_fp32_out_mm(weight.device.type)
+        self.mixed = half and _has_fp32_out_mm(weight.device.type, weight.dtype)
         self.weight = weight if (self.mixed or not half) else weight.float()
         self.dtype = self.weight.dtype  # the operand dtype, also the dtype of dl
 

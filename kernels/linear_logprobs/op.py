@@ -29,10 +29,12 @@ Interface::
              filter_eps)
         -> (grad_hidden2d | None, grad_weight | None, grad_bias | None)
 
-Transforms: reverse-mode autograd (``.backward()``, ``torch.autograd.grad``) and ``torch.compile`` are
-supported. Forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp`` / ``jacfwd``) and the
-``torch.func`` transforms (``grad``, ``vjp``, ``jacrev``, ``vmap``) are not: the op raises
-``NotImplementedError`` saying so, rather than returning a zero tangent.
+Transforms: reverse-mode autograd (``.backward()``, ``torch.autograd.grad``), ``torch.compile`` and
+``torch.func.vmap`` on its own (PyTorch runs the op once per batch entry; the target-range check is skipped,
+so an out-of-range target gives NaN) are supported. Forward-mode AD (``torch.autograd.forward_ad``,
+``torch.func.jvp`` / ``jacfwd``) and the ``torch.func`` gradient transforms (``grad``, ``vjp``, ``jacrev``) are
+not: the op raises ``NotImplementedError`` saying so, rather than returning a zero tangent or failing inside
+PyTorch.
 """
 
 from __future__ import annotations
@@ -72,9 +74,11 @@ class TokenOutputs(NamedTuple):
     """bool: the target is the first argmax of ``z``."""
 
 
-def _triton_module_accepts_v2(function: Callable) -> bool:
-    """Whether a first-wave Triton launcher takes the backend interface's ``logit_scale`` keyword."""
-    return "logit_scale" in inspect.signature(function).parameters
+def _triton_is_v1() -> bool:
+    """Whether the installed ``triton_fwd`` launcher predates the backend interface (no ``logit_scale``)."""
+    from prefuse.kernels.linear_logprobs import triton_fwd
+
+    return "logit_scale" not in inspect.signature(triton_fwd.forward).parameters
 
 
 def _forward_impl(backend: str) -> Callable:
@@ -130,7 +134,7 @@ def _call_forward(backend, hidden2d, weight, bias, rows, targets, n_valid, softc
                   with_stats):  # fmt: skip
     impl = _forward_impl(backend)
     with torch.autocast(hidden2d.device.type, enabled=False):
-        if backend == "triton" and not _triton_module_accepts_v2(impl):
+        if backend == "triton" and _triton_is_v1():
             if with_stats or logit_scale != 1.0:
                 raise ValueError(
                     "backend='triton' of this installation takes neither outputs nor logit_scale"
@@ -148,7 +152,7 @@ def _call_backward(backend, hidden2d, weight, bias, rows, targets, n_valid, lse,
                    options):  # fmt: skip
     impl = _backward_impl(backend)
     with torch.autocast(hidden2d.device.type, enabled=False):
-        if backend == "triton" and not _triton_module_accepts_v2(impl):
+        if backend == "triton" and _triton_is_v1():
             return impl(hidden2d, weight, bias, rows, targets, n_valid, lse, grad_logp, softcap=options["softcap"],
                         inv_temperature=options["inv_temperature"], need_hidden=options["need_hidden"],
                         need_weight=options["need_weight"], need_bias=options["need_bias"],
@@ -263,13 +267,20 @@ def _backward(ctx, grad_logp, _grad_lse, grad_stats):
 torch.library.register_autograd("prefuse::linear_logprobs_fwd", _backward, setup_context=_setup_context)
 
 
+def _only_vmap_active() -> bool:
+    """Whether every active ``torch.func`` transform is a ``vmap`` (the op then runs once per batch entry)."""
+    from torch._C._functorch import TransformType, get_interpreter_stack
+
+    return all(level.key() == TransformType.Vmap for level in get_interpreter_stack() or ())
+
+
 def _refuse_unsupported_transforms(*tensors: Tensor | None) -> None:
     """Forward-mode AD and the ``torch.func`` transforms would silently get a zero tangent or fail deep inside
     PyTorch: say so instead."""
-    if torch._C._are_functorch_transforms_active():
+    if torch._C._are_functorch_transforms_active() and not _only_vmap_active():
         raise NotImplementedError(
-            "linear_logprobs does not support torch.func transforms (grad, vjp, jacrev, jvp, jacfwd, vmap): "
-            "use torch.autograd.grad / .backward() for gradients, and loop instead of vmap"
+            "linear_logprobs does not support the torch.func transforms grad, vjp, jacrev, jvp and jacfwd "
+            "(vmap alone is supported): use torch.autograd.grad / .backward() for gradients"
         )
     if forward_ad._current_level >= 0 and any(
         t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors
@@ -425,7 +436,7 @@ def linear_logprobs(
 
     Raises:
         ValueError: naming the argument, for a bad shape, dtype, device, option or an out-of-range target.
-        NotImplementedError: under forward-mode AD or a ``torch.func`` transform.
+        NotImplementedError: under forward-mode AD or a ``torch.func`` transform other than ``vmap``.
     """
     _refuse_unsupported_transforms(hidden, weight, bias)
     validate_arguments(

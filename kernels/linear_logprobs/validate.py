@@ -99,17 +99,17 @@ def validate_options(
 ) -> None:
     """The op's scalar options (also checked by the loss modules when they are built).
 
-    ``temperature`` and ``logit_scale`` must also keep ``logit_scale / temperature`` finite (a temperature of
-    1e-39 would turn every logit into an infinity and the log-probs into NaN)."""
+    ``temperature`` and ``logit_scale`` must also keep ``logit_scale / temperature`` finite in float32 (a
+    temperature of 1e-39 would turn every logit into an infinity and the log-probs into NaN)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     if not INT64_RANGE[0] <= ignore_index <= INT64_RANGE[1]:
         raise ValueError(f"ignore_index must fit in int64 (targets are int64), got {ignore_index!r}")
     _check_positive_finite("temperature", temperature)
     _check_positive_finite("logit_scale", logit_scale)
-    if not math.isfinite(float(logit_scale) / float(temperature)):
+    if not float(logit_scale) / float(temperature) <= torch.finfo(torch.float32).max:
         raise ValueError(
-            f"temperature {temperature!r} is too small: logit_scale / temperature overflows float "
+            f"temperature {temperature!r} is too small: logit_scale / temperature overflows float32 "
             f"(logit_scale={logit_scale!r})"
         )
     if softcap is not None:
@@ -140,8 +140,9 @@ def validate_outputs(outputs) -> tuple[str, ...]:
 
 def host_reads_allowed(device: torch.device) -> bool:
     """Whether a check may read tensor values (a host sync on CUDA): not while ``torch.compile`` traces or a
-    CUDA graph is being captured. The op's target-range check and the losses' value checks all ask this."""
-    if torch.compiler.is_compiling():
+    CUDA graph is being captured, nor under a ``torch.func`` transform (``vmap`` cannot branch on batched data).
+    The op's target-range check and the losses' value checks all ask this."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
