@@ -17,6 +17,7 @@ from test_trl_patch import tiny_model  # noqa: E402
 
 prefuse_trl = pytest.importorskip("prefuse.alignment.trl")
 PrefuseDPOTrainer, PrefuseKTOTrainer = prefuse_trl.PrefuseDPOTrainer, prefuse_trl.PrefuseKTOTrainer
+pytestmark = pytest.mark.slow  # trains TRL's trainers and the drop-ins: CI runs it, `-m "not slow"` skips it
 
 
 @pytest.fixture(scope="module")
