@@ -5,9 +5,32 @@
 head).
 """
 
-if __name__ != "prefuse.kernels":  # the repo-root folder must not shadow PyPI's `kernels`
-    raise ImportError(f"this folder is the package `prefuse.kernels`; it cannot be imported as `{__name__}`")
+if __name__ != "prefuse.kernels":
+    # The repository root is on sys.path (a script or `python -c` run from a checkout) and something imported the
+    # top-level name `kernels` -- transformers does, probing for the PyPI distribution of that name. This folder
+    # is only ever `prefuse.kernels`: hand the name to the real distribution further down sys.path, or, without
+    # one, leave a module without `__file__` or `__version__`, which such probes read as "not installed".
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+    import types as _types
 
-from prefuse.kernels.linear_logprobs import TokenOutputs, linear_logprobs, vocab_parallel_linear_logprobs
+    def _step_aside(name: str, folder: str) -> None:
+        root = _os.path.dirname(_os.path.realpath(folder))
+        elsewhere = [p for p in _sys.path if _os.path.realpath(p or _os.curdir) != root]
+        spec = _machinery.PathFinder.find_spec(name, elsewhere)
+        if spec is None:
+            _sys.modules[name] = _types.ModuleType(
+                name, f"`{name}` is not installed (the folder {folder} is prefuse.{name})"
+            )
+            return
+        module = _util.module_from_spec(spec)
+        _sys.modules[name] = module
+        spec.loader.exec_module(module)
 
-__all__ = ["TokenOutputs", "linear_logprobs", "vocab_parallel_linear_logprobs"]
+    _step_aside(__name__, _os.path.dirname(_os.path.abspath(__file__)))
+else:
+    from prefuse.kernels.linear_logprobs import TokenOutputs, linear_logprobs, vocab_parallel_linear_logprobs
+
+    __all__ = ["TokenOutputs", "linear_logprobs", "vocab_parallel_linear_logprobs"]
