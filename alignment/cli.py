@@ -28,9 +28,10 @@ import time
 from pathlib import Path
 
 from prefuse.alignment.functional import DPO_LOSS_TYPES
+from prefuse.alignment.methods import METHODS
 
 LOSS_TYPES = {"dpo": DPO_LOSS_TYPES}  # methods that take --loss-type, and their choices
-UNPAIRED = ("kto", "factalign")
+UNPAIRED = tuple(name for name, method in METHODS.items() if not method.paired)
 _SHOWN = (
     ("loss", "loss", "{:.4f}"),
     ("rewards/margins", "margin", "{:+.3f}"),
@@ -40,12 +41,6 @@ _SHOWN = (
     ("kl", "kl", "{:.3f}"),
     ("fg_loss", "fg_loss", "{:.4f}"),
 )
-
-
-def _methods() -> tuple[str, ...]:
-    from prefuse.alignment.trainer import METHODS
-
-    return METHODS
 
 
 def version() -> str:
@@ -63,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"prefuse {version()}")
-    parser.add_argument("--method", choices=_methods(), default="dpo", help="preference loss")
+    parser.add_argument("--method", choices=tuple(METHODS), default="dpo", help="preference loss")
     parser.add_argument("--steps", type=int, default=30, help="training steps")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step (KTO/FactAlign: 2x rows)")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (AdamW, constant after warmup)")
@@ -398,9 +393,10 @@ def run(opts, argv: list[str]) -> dict:
             f"{len(trainer.eval_dataset)} test {unit}"
         )
         print(f"  loss      : prefuse.alignment.{trainer.loss_module!r}")
-        print(
-            f"  reference : {trainer.ref_source.replace('_', ' ')} of the initial policy ({time.perf_counter() - started:.1f}s)"
+        reference = "none (a reference-free loss)" if trainer.ref_source == "none" else (
+            f"{trainer.ref_source.replace('_', ' ')} of the initial policy"
         )
+        print(f"  reference : {reference} ({time.perf_counter() - started:.1f}s)")
         print("evaluating before training ...", flush=True)
         before = trainer.evaluate()
         print(f"eval before : {_format(before, 'eval_')}")

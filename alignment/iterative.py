@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from prefuse.alignment.methods import get_method
 from prefuse.alignment.model_head import is_peft_model
 from prefuse.alignment.trainer import PreferenceConfig, PreferenceTrainer, freeze
 from torch import nn
@@ -76,6 +77,7 @@ def run_iterations(model: nn.Module, datasets: Sequence | Callable[[int, nn.Modu
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     result = IterationResult(model)
     reference = ref_model
+    uses_reference = get_method(args.method).reference is not None  # SimPO, ORPO, CPO: rounds on new data only
     for k in range(iterations):
         data = datasets(k, model) if callable(datasets) else datasets[k]
         round_args = copy.deepcopy(args)
@@ -91,7 +93,7 @@ def run_iterations(model: nn.Module, datasets: Sequence | Callable[[int, nn.Modu
         if on_iteration_end is not None:
             on_iteration_end(k, trainer)
         model = trainer.model
-        if k + 1 < iterations:
+        if k + 1 < iterations and uses_reference:
             if is_peft_model(model):
                 model, reference = _fresh_adapter(model), None
             else:

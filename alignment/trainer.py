@@ -1,11 +1,14 @@
-"""``PreferenceTrainer``: a thin ``transformers.Trainer`` for DPO, SamPO, KTO, FactAlign, SPPO and GPO on prefuse.
+"""``PreferenceTrainer``: a thin ``transformers.Trainer`` for DPO, SamPO, KTO, FactAlign, SPPO, GPO, SimPO, ORPO
+and CPO on prefuse.
 
-The policy runs to its last hidden state (``model_head.forward_hidden``: no logits), and a prefuse loss module
-(``DPOLoss``, ``SamPOLoss``, ``KTOLoss``, ``FactAlignLoss``, ``SPPOLoss``, ``GPOLoss``, built from the config)
-computes the log-probs with the fused head and the loss. The reference is, in this order of precedence:
+The policy runs to its last hidden state (``model_head.forward_hidden``: no logits), and the method's prefuse
+loss module (``prefuse.alignment.methods``: ``DPOLoss`` ... ``CPOLoss``, built from the config) computes the
+log-probs with the fused head and the loss. SimPO, ORPO and CPO need no reference. For the others the
+reference is, in this order of precedence:
 
-1. precomputed per-token log-probs in the batch (``precompute_ref_log_probs=True``, or a data set prepared
-   with ``precompute_ref_logps``): no reference model is kept;
+1. precomputed log-probs in the batch (``precompute_ref_log_probs=True``, or a data set prepared with
+   ``precompute_ref_logps``; per-sequence sums where the loss needs no more, per token for SamPO and
+   FactAlign): no reference model is kept;
 2. ``ref_model``, a separate model (frozen, eval mode, moved to the trainer's device);
 3. the policy with its PEFT adapter disabled, when the policy is a PEFT model and no ``ref_model`` is given;
 4. otherwise a frozen copy of the initial policy (as TRL does).
@@ -15,7 +18,8 @@ the logging window (and over processes), with an ``eval_`` prefix during evaluat
 The loss runs inside the policy's lm-head forward and the reference log-probs inside the reference head's
 (``CausalLMHead.apply`` / ``.logprobs``), so an FSDP2- or ZeRO-3-sharded head is gathered where it is used.
 ``head="naive"`` computes the same losses from the model's full logits (``log_softmax`` and gather, the plain
-PyTorch way) -- the baseline the CLI measures prefuse against.
+PyTorch way; then the loss module's own ``loss_from_token_logps``) -- the baseline the CLI measures prefuse
+against.
 """
 
 from __future__ import annotations
@@ -29,15 +33,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
+from prefuse.alignment.methods import METHODS, get_method
 from prefuse.alignment.model_head import adapter_disabled, forward_hidden, head_options, is_peft_model
 from prefuse.alignment.output import LossOutput
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 
-METHODS = ("dpo", "sampo", "kto", "factalign", "sppo", "gpo")
-PAIRED_METHODS = ("dpo", "sampo", "sppo", "gpo")
-UNPAIRED_METHODS = ("kto", "factalign")
-DEFAULT_BETA = {"dpo": 0.1, "sampo": 0.1, "kto": 0.1, "factalign": 0.1, "sppo": 0.001, "gpo": 0.001}
 HEADS = ("fused", "naive")
 LIGER_BODY_KERNELS = {"rms_norm": True, "rope": True, "swiglu": True, "geglu": True, "cross_entropy": False,
                       "fused_linear_cross_entropy": False}
@@ -47,17 +48,21 @@ LIGER_BODY_KERNELS = {"rms_norm": True, "rope": True, "swiglu": True, "geglu": T
 class PreferenceConfig(TrainingArguments):
     """``TrainingArguments`` plus the preference method and its loss hyper-parameters.
 
-    ``beta`` defaults per method to the seeds' values (0.1 for DPO/SamPO/KTO/FactAlign, 0.001 for SPPO/GPO,
-    i.e. η = 1000). ``remove_unused_columns`` defaults to False (the collators need the data's columns).
+    ``beta`` and ``nll_weight`` default per method (``prefuse.alignment.methods``): β = 0.1, but 0.001 for
+    SPPO/GPO (η = 1000, the seeds' value); the NLL weight 0, but 1 for ORPO and CPO (their SFT / behaviour-
+    cloning term). ``remove_unused_columns`` defaults to False (the collators need the data's columns).
     ``use_liger_kernel=True`` applies Liger-Kernel's RMSNorm/RoPE/SwiGLU (GeGLU) to the model body only --
     prefuse computes the head -- and needs a Triton device (``ValueError`` on CPU).
     """
 
-    method: str = field(default="dpo", metadata={"help": f"one of {METHODS}"})
+    method: str = field(default="dpo", metadata={"help": f"one of {tuple(METHODS)}"})
     beta: float | None = field(default=None, metadata={"help": "β (default per method)"})
     loss_type: str = field(default="sigmoid", metadata={"help": "DPO loss type (prefuse.alignment.DPO_LOSS_TYPES)"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "DPO label smoothing"})
-    nll_weight: float = field(default=0.0, metadata={"help": "weight of the chosen NLL (RPO α; DPO, SamPO)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing ε (DPO, SimPO, CPO)"})
+    nll_weight: float | None = field(
+        default=None, metadata={"help": "weight of the chosen-token NLL (default per method: 1 for ORPO/CPO, else 0)"}
+    )
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target margin γ"})
     desirable_weight: float = field(default=1.0, metadata={"help": "KTO/FactAlign λD"})
     undesirable_weight: float = field(default=1.0, metadata={"help": "KTO/FactAlign λU"})
     fg_beta: float = field(default=0.1, metadata={"help": "FactAlign sentence-level β"})
@@ -77,40 +82,22 @@ class PreferenceConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        spec = get_method(self.method)
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
-        if self.beta is None:
-            self.beta = DEFAULT_BETA[self.method]
+        if self.precompute_ref_log_probs and spec.reference is None:
+            raise ValueError(f"precompute_ref_log_probs=True, but method {self.method!r} uses no reference")
+        for name, value in spec.defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.nll_weight is None:
+            self.nll_weight = 0.0
 
 
 def build_loss(config: PreferenceConfig, *, softcap: float | None = None, temperature: float = 1.0) -> nn.Module:
     """The prefuse loss module of ``config.method`` with the config's hyper-parameters and the head options."""
-    from prefuse.alignment import DPOLoss, FactAlignLoss, GPOLoss, KTOLoss, SamPOLoss, SPPOLoss
-
     options = {"softcap": softcap, "temperature": temperature, "backend": config.loss_backend}
-    method, beta = config.method, config.beta
-    if method == "dpo":
-        return DPOLoss(beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
-                       nll_weight=config.nll_weight, **options)
-    if method == "sampo":
-        seed = config.seed if config.sampo_seed is None else config.sampo_seed
-        return SamPOLoss(beta, seed=seed, nll_weight=config.nll_weight, **options)
-    if method == "kto":
-        return KTOLoss(beta, desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight,
-                       **options)
-    if method == "factalign":
-        return FactAlignLoss(beta, fg_beta=config.fg_beta, desirable_weight=config.desirable_weight,
-                             undesirable_weight=config.undesirable_weight,
-                             fg_desirable_weight=config.fg_desirable_weight,
-                             fg_undesirable_weight=config.fg_undesirable_weight, loss_weight=config.loss_weight,
-                             fg_loss_weight=config.fg_loss_weight, **options)
-    if method == "sppo":
-        return SPPOLoss(beta, **options)
-    if method == "gpo":
-        return GPOLoss(beta, clamp=config.gpo_clamp, **options)
-    raise ValueError(f"unknown method {method!r}")
+    return get_method(config.method).build_loss(config, **options)
 
 
 def apply_liger_body_kernels(model: nn.Module, device: torch.device | str | None = None) -> None:
@@ -165,15 +152,18 @@ def reference_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: T
 
 
 def precompute_ref_logps(ref_model: nn.Module, dataset, collator, *, batch_size: int = 8,
-                         device: torch.device | str | None = None, head: str = "fused", backend: str = "auto"):
-    """Add the reference's per-token log-probs of every completion token to a tokenised data set.
+                         device: torch.device | str | None = None, head: str = "fused", backend: str = "auto",
+                         per_token: bool = True):
+    """Add the reference's log-probs of every completion to a tokenised data set.
 
     Paired data (``chosen_input_ids``/``rejected_input_ids``) gets ``ref_chosen_logps`` and
     ``ref_rejected_logps``; unpaired data gets ``ref_logps`` and -- when ``collator`` builds KL rows -- a fixed
     KL partner prompt per example (``kl_prompt_input_ids``: the next example's prompt in data-set order that
-    differs from its own) and ``ref_kl_logps`` for that KL row. The collators turn these lists into the
-    ``ref_logps`` / ``ref_kl_logps`` tensors ``PreferenceTrainer`` passes to the losses, so no reference model
-    is needed while training. Runs in data-set order with prefuse's op (``head="fused"``).
+    differs from its own) and ``ref_kl_logps`` for that KL row. Each is one float per completion token
+    (``per_token=True``: SamPO's sample and FactAlign's sentences need them), else the completion's sum, one
+    float per example (what DPO, KTO, SPPO and GPO use). The collators turn them into the ``ref_logps`` /
+    ``ref_kl_logps`` tensors ``PreferenceTrainer`` passes to the losses, so no reference model is needed
+    while training. Runs in data-set order with prefuse's op (``head="fused"``).
     """
     from prefuse.alignment.data.collators import UnpairedCollator, next_different
 
@@ -188,11 +178,13 @@ def precompute_ref_logps(ref_model: nn.Module, dataset, collator, *, batch_size:
         dataset = dataset.add_column("kl_prompt_input_ids", partners)
     columns: dict[str, list] = defaultdict(list)
 
-    def per_example(batch, prefix: str) -> list[list[float]]:
+    def per_example(batch, prefix: str) -> list:
         ids, mask, labels = (batch[f"{prefix}input_ids"].to(device), batch[f"{prefix}attention_mask"].to(device),
                              batch[f"{prefix}labels"].to(device))
-        logps = reference_token_logps(ref_model, ids, mask, labels, head=head, backend=backend).float().cpu()
-        scored = labels[:, 1:].cpu() != -100
+        logps = reference_token_logps(ref_model, ids, mask, labels, head=head, backend=backend).float()
+        if not per_token:
+            return logps.sum(-1).cpu().tolist()  # one transfer of one float per row
+        logps, scored = logps.cpu(), labels[:, 1:].cpu() != -100
         return [row[keep].tolist() for row, keep in zip(logps, scored)]
 
     try:
@@ -291,12 +283,12 @@ class PreferenceTrainer(Trainer):
         model: a Hugging Face causal LM (or a PEFT model wrapping one).
         ref_model: a separate frozen reference (None: see the module docstring).
         args: a ``PreferenceConfig``.
-        train_dataset, eval_dataset: text data (``prompt``/``chosen``/``rejected`` for DPO, SamPO, SPPO, GPO;
-            ``prompt``/``completion``/``label`` (+ ``sentences``/``sentence_labels``) for KTO, FactAlign) --
+        train_dataset, eval_dataset: text data (``prompt``/``chosen``/``rejected`` for DPO, SamPO, SPPO, GPO,
+            SimPO, ORPO, CPO; ``prompt``/``completion``/``label`` (+ ``sentences``/``sentence_labels``) for KTO, FactAlign) --
             tokenised here with ``processing_class`` -- or data already tokenised by
             ``tokenize_preference_data``. KTO accepts paired data (unpaired here).
         processing_class: the tokenizer (chat template used when it has one).
-        data_collator: default ``collator_for(method, ...)``.
+        data_collator: default: the method's collator (``prefuse.alignment.methods``).
         loss: a prefuse loss module to use instead of the one built from ``args``.
         **kwargs: the rest of ``transformers.Trainer``'s arguments (callbacks, optimizers ...).
     """
@@ -304,8 +296,6 @@ class PreferenceTrainer(Trainer):
     def __init__(self, model: nn.Module, ref_model: nn.Module | None = None, args: PreferenceConfig | None = None,
                  data_collator=None, train_dataset=None, eval_dataset=None, processing_class=None,
                  loss: nn.Module | None = None, **kwargs):
-        from prefuse.alignment.data import collator_for
-
         if args is None:
             args = PreferenceConfig(output_dir="prefuse-out")
         if not isinstance(args, PreferenceConfig):
@@ -316,6 +306,7 @@ class PreferenceTrainer(Trainer):
         if isinstance(model, str) or isinstance(ref_model, str):
             raise TypeError("pass model objects; load them yourself (prefuse never downloads)")
         self.method = args.method
+        self.spec = get_method(args.method)
         if args.use_liger_kernel:
             apply_liger_body_kernels(model, args.device)
             if ref_model is not None:
@@ -346,13 +337,17 @@ class PreferenceTrainer(Trainer):
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("pass processing_class (the tokenizer) or a data_collator")
-            data_collator = collator_for(self.method, processing_class, max_length=args.max_length,
-                                         max_prompt_length=args.max_prompt_length,
-                                         partial_sentences=args.partial_sentences)
+            data_collator = self.spec.collator(processing_class, max_length=args.max_length,
+                                               max_prompt_length=args.max_prompt_length,
+                                               partial_sentences=args.partial_sentences)
 
         self.ref_model = None
         self.ref_source = None
-        if args.precompute_ref_log_probs:
+        if self.spec.reference is None:
+            if ref_model is not None:
+                raise ValueError(f"method {self.method!r} is reference-free: pass no ref_model")
+            self.ref_source = "none"
+        elif args.precompute_ref_log_probs:
             self.ref_source = "precomputed"
         elif ref_model is not None:
             self.ref_source = "ref_model"
@@ -385,19 +380,17 @@ class PreferenceTrainer(Trainer):
         columns = set(dataset.column_names)
         tokenized = "prompt_input_ids" in columns
         paired = {"chosen", "rejected"} <= columns or {"chosen_input_ids", "rejected_input_ids"} <= columns
-        if self.method in PAIRED_METHODS and not paired:
+        spec = self.spec
+        if spec.paired and not paired:
             raise ValueError(f"method {self.method!r} needs paired data (prompt/chosen/rejected), got {sorted(columns)}")
-        if self.method in UNPAIRED_METHODS and paired:
-            if self.method == "factalign" or tokenized:
+        if not spec.paired and paired:
+            if spec.sentences or tokenized:
                 raise ValueError(f"method {self.method!r} needs unpaired data (prompt/completion/label)")
             dataset = unpair(dataset)
-        if self.method == "sppo" and not {"p_chosen", "p_rejected"} <= columns:
-            raise ValueError("SPPO needs win-rate columns p_chosen and p_rejected")
-        if self.method == "gpo" and not {"s_chosen", "s_rejected"} <= columns:
-            raise ValueError("GPO needs preference-score columns s_chosen and s_rejected")
-        if self.method == "factalign" and not ({"sentences", "sentence_labels"} <= columns
-                                               or "completion_sentence_ids" in columns):
-            raise ValueError("FactAlign needs sentence columns (sentences, sentence_labels)")
+        needed = spec.tokenized_columns if tokenized else spec.columns
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise ValueError(f"method {self.method!r} needs the columns {list(needed)}; missing {missing}")
         if tokenized:
             from prefuse.alignment.data import check_tokenized_data
 
@@ -408,7 +401,7 @@ class PreferenceTrainer(Trainer):
             raise ValueError("text data needs processing_class (the tokenizer) to be tokenised")
         return tokenize_preference_data(dataset, processing_class, max_length=args.max_length,
                                         max_prompt_length=args.max_prompt_length,
-                                        sentences=self.method == "factalign" or None,
+                                        sentences=spec.sentences or None,
                                         partial_sentences=args.partial_sentences)
 
     def _precompute(self, source: nn.Module, dataset):
@@ -418,7 +411,8 @@ class PreferenceTrainer(Trainer):
         with context:
             return precompute_ref_logps(source, dataset, self.data_collator,
                                         batch_size=self.args.per_device_eval_batch_size, device=self.args.device,
-                                        head=self.args.head, backend=self.args.loss_backend)
+                                        head=self.args.head, backend=self.args.loss_backend,
+                                        per_token=self.spec.reference == "tokens")
 
     # ------------------------------------------------------------------------------------------ loss
     def _policy_and_reference(self, model: nn.Module, inputs: dict, prefix: str = "") -> tuple:
@@ -427,6 +421,8 @@ class PreferenceTrainer(Trainer):
         grad = prefix == "" and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad):  # KL rows: z is detached, no backward through them
             policy = forward_hidden(model, ids, mask)
+        if self.spec.reference is None:
+            return policy, {}
         ref_name = "ref_logps" if prefix == "" else "ref_kl_logps"
         if ref_name in inputs:
             return policy, {ref_name: inputs[ref_name]}
@@ -445,38 +441,42 @@ class PreferenceTrainer(Trainer):
                     ref = forward_hidden(model, ids, mask)
             return ref.logprobs(labels, ignore_index=self.loss_module.ignore_index, backend=self.args.loss_backend)
 
+    def _batch_kwargs(self, inputs: dict, *, shifted: bool) -> dict:
+        """The method's batch tensors for the loss (``token_keys`` shifted like the log-probs when ``shifted``)."""
+        out = {}
+        for key in self.spec.batch_keys:
+            if inputs.get(key) is not None:
+                value = inputs[key]
+                out[key] = value[:, 1:] if shifted and key in self.spec.token_keys else value
+        return out
+
     def preference_loss(self, model: nn.Module, inputs: dict) -> LossOutput:
         """The method's ``LossOutput`` on a collated batch (the policy's graph attached to ``loss``)."""
         if self.args.head == "naive":
             return self._naive_loss(model, inputs)
-        method, loss = self.method, self.loss_module
-        labels = inputs["labels"]
         policy, ref = self._policy_and_reference(model, inputs)
+        kwargs = {**ref, **self._batch_kwargs(inputs, shifted=False)}
+        if self.spec.kl_rows:
+            # the KL rows go through the same head (the policy's weight) within the same call
+            kl_policy, kl_ref = self._policy_and_reference(model, inputs, prefix="kl_")
+            kwargs.update(kl_hidden=kl_policy.hidden, kl_labels=inputs["kl_labels"], **kl_ref)
         # the loss runs inside the policy head's forward (CausalLMHead.apply): a sharded head is gathered for it
-        if method in ("dpo", "sampo"):
-            return policy.apply(loss, labels, **ref)
-        if method == "sppo":
-            return policy.apply(loss, labels, p_chosen=inputs["p_chosen"], p_rejected=inputs["p_rejected"], **ref)
-        if method == "gpo":
-            return policy.apply(loss, labels, s_chosen=inputs["s_chosen"], s_rejected=inputs["s_rejected"], **ref)
-        kl_policy, kl_ref = self._policy_and_reference(model, inputs, prefix="kl_")
-        # the KL rows go through the same head (the policy's weight) within the same call
-        kwargs = {"kl_hidden": kl_policy.hidden, "kl_labels": inputs["kl_labels"], **ref, **kl_ref}
-        if method == "kto":
-            return policy.apply(loss, labels, inputs["desirable"], **kwargs)
-        return policy.apply(loss, labels, inputs["desirable"], sentence_ids=inputs["sentence_ids"],
-                            sentence_labels=inputs["sentence_labels"], kl_sentence_ids=inputs.get("kl_sentence_ids"),
-                            **kwargs)
+        return policy.apply(self.loss_module, inputs["labels"], **kwargs)
 
-    def _naive_logps(self, model, inputs, prefix: str = "") -> tuple[Tensor, Tensor]:
+    def _naive_logps(self, model, inputs, prefix: str = "") -> tuple[Tensor, Tensor | None, Tensor]:
+        """``(policy, reference, mask)`` per-token log-probs ``(rows, T-1)`` from full logits, and the
+        completion mask (the reference None for a reference-free method)."""
         ids, mask, labels = (inputs[f"{prefix}input_ids"], inputs[f"{prefix}attention_mask"],
                              inputs[f"{prefix}labels"])
         grad = prefix == "" and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad):
             policy = naive_token_logps(model, ids, mask, labels)
+        scored = labels[:, 1:] != -100
         ref_name = "ref_logps" if prefix == "" else "ref_kl_logps"
-        if ref_name in inputs:
-            ref = torch.where(labels[:, 1:] != -100, inputs[ref_name], 0.0)
+        if self.spec.reference is None:
+            ref = None
+        elif ref_name in inputs:
+            ref = inputs[ref_name]
         else:
             with torch.no_grad():
                 if self.ref_model is not None:
@@ -484,52 +484,17 @@ class PreferenceTrainer(Trainer):
                 else:
                     with adapter_disabled(model):
                         ref = naive_token_logps(model, ids, mask, labels)
-        return policy, ref
+        return policy, ref, scored
 
     def _naive_loss(self, model, inputs) -> LossOutput:
-        """The same loss from full logits (``head="naive"``), through ``prefuse.alignment.functional``."""
-        from prefuse.alignment import functional as Fn
-
-        loss, method = self.loss_module, self.method
-        labels = inputs["labels"]
-        mask = labels[:, 1:] != -100
-        policy, ref = self._naive_logps(model, inputs)
-        if method in PAIRED_METHODS:
-            b = labels.shape[0] // 2
-            if method == "sampo":
-                gen = loss.generator(policy.device)
-                kept = Fn.sampo_sample_masks(mask[:b], mask[b:], generator=gen)
-                ref_kept = (Fn.sampo_sample_masks(mask[:b], mask[b:], generator=gen)
-                            if loss.independent_ref_sample else kept)
-                return Fn.sampo_loss(policy[:b], policy[b:], ref[:b], ref[b:], mask[:b], mask[b:], beta=loss.beta,
-                                     nll_weight=loss.nll_weight, sampled_masks=kept, ref_sampled_masks=ref_kept)
-            ps, rs, lengths = policy.sum(-1), ref.sum(-1), mask.sum(-1)
-            if method == "dpo":
-                delta = loss._bco_delta(ps, rs) if loss.loss_type == "bco_pair" else None
-                return Fn.dpo_loss(ps[:b], ps[b:], rs[:b], rs[b:], beta=loss.beta, loss_type=loss.loss_type,
-                                   label_smoothing=loss.label_smoothing, nll_weight=loss.nll_weight,
-                                   chosen_lengths=lengths[:b], rejected_lengths=lengths[b:],
-                                   discopop_tau=loss.discopop_tau, bco_delta=delta)
-            if method == "sppo":
-                return Fn.sppo_loss(ps[:b], ps[b:], rs[:b], rs[b:], inputs["p_chosen"], inputs["p_rejected"],
-                                    beta=loss.beta)
-            return Fn.gpo_loss(ps[:b], ps[b:], rs[:b], rs[b:], inputs["s_chosen"], inputs["s_rejected"],
-                               beta=loss.beta, clamp=loss.clamp)
-        kl_policy, kl_ref = self._naive_logps(model, inputs, prefix="kl_")
-        common = {"beta": loss.beta, "desirable_weight": loss.desirable_weight,
-                  "undesirable_weight": loss.undesirable_weight}
-        if method == "kto":
-            return Fn.kto_loss(policy.sum(-1), ref.sum(-1), inputs["desirable"], policy_kl_logps=kl_policy.sum(-1),
-                               ref_kl_logps=kl_ref.sum(-1), **common)
-        kl_ids = inputs.get("kl_sentence_ids")
-        return Fn.factalign_loss(
-            policy, ref, inputs["desirable"], inputs["sentence_ids"][:, 1:], inputs["sentence_labels"],
-            policy_kl_logps=kl_policy if kl_ids is not None else kl_policy.sum(-1),
-            ref_kl_logps=kl_ref if kl_ids is not None else kl_ref.sum(-1),
-            kl_sentence_ids=None if kl_ids is None else kl_ids[:, 1:], fg_beta=loss.fg_beta,
-            fg_desirable_weight=loss.fg_desirable_weight, fg_undesirable_weight=loss.fg_undesirable_weight,
-            loss_weight=loss.loss_weight, fg_loss_weight=loss.fg_loss_weight, **common,
-        )  # fmt: skip
+        """The same loss from full logits (``head="naive"``), through the loss module's
+        ``loss_from_token_logps``."""
+        policy, ref, mask = self._naive_logps(model, inputs)
+        kwargs = self._batch_kwargs(inputs, shifted=True)
+        if self.spec.kl_rows:
+            kl_policy, kl_ref, kl_mask = self._naive_logps(model, inputs, prefix="kl_")
+            kwargs.update(policy_kl_logps=kl_policy, ref_kl_logps=kl_ref, kl_mask=kl_mask)
+        return self.loss_module.loss_from_token_logps(policy, ref, mask, **kwargs)
 
     # ------------------------------------------------------------------------------------------ Trainer hooks
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -16,7 +16,7 @@ log-probs of the core op); the harness adds the backward. A contender that canno
 - ``cce``: Cut Cross-Entropy's ``linear_cross_entropy(reduction="none")`` as the per-token log-prob provider of
   the workload's formula (CUDA only; when ``cut-cross-entropy`` is installed).
 - ``prefuse``: ``prefuse.kernels.linear_logprobs`` for the core op, the ``prefuse.alignment`` loss modules
-  (DESIGN.md's API, default hyper-parameters) for the losses.
+  (their ``forward(hidden, weight, labels, ...)``, default hyper-parameters) for the losses.
 """
 
 from __future__ import annotations

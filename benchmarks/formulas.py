@@ -3,7 +3,7 @@
 With the naive provider these are the "naive PyTorch" contenders (full logits, ``log_softmax``, gather, then
 the loss — what a TRL-style trainer does); with Cut Cross-Entropy's provider they are how a CCE user would get
 the loss; with the float64 provider they are the reference of the error column. They are written here from the
-papers' formulas (DESIGN.md, "Losses"), independently of ``prefuse.alignment``, so the error column also checks
+papers' and TRL's formulas, independently of ``prefuse.alignment``, so the error column also checks
 prefuse's losses. Hyper-parameters are the modules' defaults.
 
 Sequence log-probs are sums over completion tokens, taken before the policy - reference difference (TRL's

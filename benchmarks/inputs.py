@@ -1,7 +1,7 @@
 """Reproducible inputs of one benchmark case, built directly on the case's device.
 
 Every contender of a case (and the float64 reference, in another process) rebuilds the same tensors from the
-case's seed. Shapes follow DESIGN.md's loss API: ``hidden`` ``(rows, T, D)``, ``labels`` ``(rows, T)`` aligned
+case's seed. Shapes follow the loss modules' API: ``hidden`` ``(rows, T, D)``, ``labels`` ``(rows, T)`` aligned
 with the input ids (``-100`` on the prompt and padding; the losses shift), paired rows chosen ``[:B]`` then
 rejected ``[B:]``. The reference model has its own head (a perturbed copy of the policy's) and its own hidden
 states; KTO / FactAlign get as many mismatched KL rows as examples.

@@ -5,6 +5,9 @@ Markers (kept in step with CMakeLists.txt's CTest labels):
   i.e. on a CUDA machine where Triton compiles);
 - ``gpu``: needs CUDA (skipped without it);
 - ``cpu``: everything else, added automatically.
+
+``slow`` marks the long tests (subprocesses, spawned gloo ranks, TRL trainers, property sweeps, training runs):
+``python -m pytest -m "not slow"`` is the quick inner loop; CI runs everything.
 """
 
 import importlib.util

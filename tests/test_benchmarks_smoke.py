@@ -22,6 +22,8 @@ from benchmarks.accuracy import tolerance
 from benchmarks.plan import Case, get_preset
 from benchmarks.runner import in_process, run_cases
 
+pytestmark = pytest.mark.slow  # runs the benchmark suite in subprocesses: CI runs it, `-m "not slow"` skips it
+
 REPO = Path(__file__).resolve().parents[1]
 
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None

@@ -39,11 +39,15 @@ from prefuse.alignment import (
     SPPOLoss,
 )
 from prefuse.alignment import functional as PF
+from prefuse.alignment.methods import METHODS
 from prefuse.kernels import linear_logprobs, vocab_parallel_linear_logprobs
 from prefuse.kernels.linear_logprobs import naive_linear_logprobs
-from test_linear_logprobs import grad_tol, reference, rel_err
-from test_losses_dpo import SMOOTHING, naive_dpo
-from test_losses_kto import naive_kto
+from reference import SMOOTHING, grad_tol, naive_dpo, naive_kto, rel_err
+from reference import op_reference as reference
+
+pytestmark = (
+    pytest.mark.slow
+)  # property-based sweeps over every loss and option: CI runs it, `-m "not slow"` skips it
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -103,22 +107,35 @@ def _layout_hidden(layout, lead, dim, gen, scale, dtype):
     """A leaf of the right storage and the ``(*lead, dim)`` view of it for ``layout``."""
     if layout == "transposed" and len(lead) >= 2:
         leaf = torch.randn(*lead[:-2], lead[-1], lead[-2], dim, generator=gen)
-        view = lambda x: x.transpose(-2, -3)
+
+        def view(x):
+            return x.transpose(-2, -3)
     elif layout == "transposed":
         leaf = torch.randn(dim, lead[0], generator=gen)
-        view = lambda x: x.T  # stride along D is not 1
+
+        def view(x):  # stride along D is not 1
+            return x.T
     elif layout == "strided":
         leaf = torch.randn(*lead[:-1], 2 * lead[-1], dim + 3, generator=gen)
-        view = lambda x: x[..., ::2, 1 : dim + 1]
+
+        def view(x):
+            return x[..., ::2, 1 : dim + 1]
     elif layout == "expanded-rows":
         leaf = torch.randn(*lead[:-1], 1, dim, generator=gen)
-        view = lambda x: x.expand(*lead, dim)
+
+        def view(x):
+            return x.expand(*lead, dim)
     elif layout == "expanded-dim":
         leaf = torch.randn(*lead, 1, generator=gen)
-        view = lambda x: x.expand(*lead, dim)
+
+        def view(x):
+            return x.expand(*lead, dim)
     else:
         leaf = torch.randn(*lead, dim, generator=gen)
-        view = lambda x: x
+
+        def view(x):
+            return x
+
     return (leaf * scale).to(dtype), view
 
 
@@ -362,8 +379,8 @@ def test_op_mixed_cuda_and_cpu_raise_value_error(which):
 
 
 # =============================================================================================== the losses
-PAIRED = ["dpo", "sampo", "sppo", "gpo", "simpo", "orpo", "cpo"]
-UNPAIRED = ["kto", "factalign"]
+PAIRED = [name for name, method in METHODS.items() if method.paired]
+UNPAIRED = [name for name, method in METHODS.items() if not method.paired]
 REFERENCE_FREE = ("simpo", "orpo", "cpo")
 
 

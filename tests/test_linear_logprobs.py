@@ -10,6 +10,8 @@ import pytest
 import torch
 from prefuse.kernels import linear_logprobs
 from prefuse.kernels.linear_logprobs import naive_linear_logprobs, op
+from reference import grad_tol, rel_err
+from reference import op_reference as reference
 
 IMPLS = [
     pytest.param(("torch", "cpu"), id="torch-cpu"),
@@ -30,18 +32,6 @@ OPTIONS = {
 }
 
 
-def rel_err(actual, expected):
-    """Normwise relative error: max |actual - expected| / max |expected|."""
-    scale = expected.abs().max().clamp_min(1e-30)
-    return ((actual.double() - expected).abs().max() / scale).item()
-
-
-def grad_tol(dtype):
-    """fp32: 1e-4. Half precision: two roundings of the dtype on top of fp32 accumulation (the logit gradient
-    is cast to the input dtype to feed the tensor cores, and the gradient is returned in the input dtype)."""
-    return 1e-4 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
-
-
 def make_inputs(shape=(2, 9), dim=19, vocab=67, dtype=torch.float32, device="cpu", bias=False, scale=1.0,
                 ignore_index=-100, seed=0):  # fmt: skip
     """Random head inputs; the first third of every row is ignored (a prompt), plus one all-ignored row."""
@@ -60,19 +50,6 @@ def make_inputs(shape=(2, 9), dim=19, vocab=67, dtype=torch.float32, device="cpu
         return None if x is None else x.to(device)
 
     return move(hidden), move(weight), move(targets), move(b)
-
-
-def reference(hidden, weight, targets, bias, grad_out, **opts):
-    """float64 values and gradients (of ``sum(grad_out * logp)``) from the naive full-logits computation."""
-    leaves = [
-        x.detach().double().cpu().requires_grad_()
-        for x in (hidden, weight) + ((bias,) if bias is not None else ())
-    ]
-    out = naive_linear_logprobs(
-        leaves[0], leaves[1], targets.cpu(), leaves[2] if bias is not None else None, **opts
-    )
-    grads = torch.autograd.grad((out * grad_out.double().cpu()).sum(), leaves)
-    return out, grads
 
 
 def fused(impl, hidden, weight, targets, bias, grad_out, **opts):

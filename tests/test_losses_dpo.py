@@ -8,58 +8,21 @@ import pytest
 import torch
 from prefuse.alignment import DPO_LOSS_TYPES, DPOLoss
 from prefuse.alignment import functional as PF
-from test_losses_reference import (
+from reference import (
     IGNORE,
     PAIR_METRICS,
+    SMOOTHING,
     Head,
     assert_loss_and_grads,
     assert_metrics,
-    logsig,
     make_labels,
+    naive_dpo,
     naive_pair_metrics,
     naive_seq_logps,
     naive_token_logps,
 )
 
 B, T, D, V = 3, 10, 16, 40
-SMOOTHING = {"sigmoid": 0.1, "robust": 0.1, "exo_pair": 0.05}
-
-
-def naive_dpo(pc, pr, rc, rr, lc, lr, *, beta, loss_type, eps=0.0, tau=0.05, delta=None):
-    """TRL's per-pair DPO losses in float64, written out formula by formula."""
-    sig = torch.sigmoid
-    dc, dr = pc - rc, pr - rr
-    x = beta * (dc - dr)
-    if loss_type == "sigmoid":
-        losses = -(1 - eps) * logsig(x) - eps * logsig(-x)
-    elif loss_type == "ipo":  # TRL: the loss on per-token averages (its metrics stay on the sums)
-        losses = ((dc / lc - dr / lr) - 1 / (2 * beta)) ** 2
-    elif loss_type == "hinge":
-        losses = torch.clamp(1 - x, min=0)
-    elif loss_type == "robust":
-        losses = ((1 - eps) * -logsig(x) - eps * -logsig(-x)) / (1 - 2 * eps)
-    elif loss_type == "exo_pair":
-        losses = sig(x) * (logsig(x) - math.log(1 - eps)) + sig(-x) * (logsig(-x) - math.log(eps))
-    elif loss_type == "nca_pair":
-        losses = -logsig(beta * dc) - 0.5 * logsig(-beta * dc) - 0.5 * logsig(-beta * dr)
-    elif loss_type == "bco_pair":
-        if delta is None:
-            delta = torch.cat([beta * dc, beta * dr]).mean().detach()
-        losses = -logsig(beta * dc - delta) - logsig(-(beta * dr - delta))
-    elif loss_type == "sppo_hard":
-        losses = (dc - 1 / (2 * beta)) ** 2 + (dr + 1 / (2 * beta)) ** 2
-    elif loss_type == "apo_zero":
-        losses = (1 - sig(beta * dc)) + sig(beta * dr)
-    elif loss_type == "apo_down":
-        losses = sig(beta * dc) + (1 - sig(x))
-    elif loss_type == "discopop":
-        m = sig(x / tau)
-        losses = -logsig(x) * (1 - m) + torch.exp(-x) * m
-    elif loss_type == "sigmoid_norm":
-        losses = -logsig(beta * (dc / lc - dr / lr))
-    else:
-        raise AssertionError(loss_type)
-    return losses.mean(), (pc, pr, beta * dc, beta * dr)
 
 
 def batch(seed: int, *, bias: bool = True):
@@ -328,3 +291,24 @@ def test_dpo_bco_pair_matches_liger_without_running_mean():
     out = PF.dpo_loss(p[:B], p[B:], r[:B], r[B:], loss_type="bco_pair", bco_delta=0.0)
     liger_loss, liger_grads, _ = _liger_dpo(policy, ref, labels, loss_type="bco_pair")
     _compare_with_liger(out.loss, policy, liger_loss, liger_grads)
+
+
+@pytest.mark.parametrize(
+    "loss_type, chosen, expected",
+    [
+        ("apo_zero", 200.0, lambda c, r: torch.sigmoid(-c) + torch.sigmoid(r)),  # σ(-βΔc) + σ(βΔr)
+        ("apo_down", -200.0, lambda c, r: torch.sigmoid(c) + torch.sigmoid(-(c - r))),  # σ(βΔc) + σ(-u)
+    ],
+)
+def test_apo_keeps_the_tail_of_a_saturated_sigmoid(loss_type, chosen, expected):
+    """APO's ``1 - σ(x)`` terms are evaluated as σ(-x): far on the good side (x = 20) they cost σ(-20), not the
+    float32 ``1 - σ(20) = 0``; the value and the gradient match float64."""
+    policy = torch.tensor([chosen], requires_grad=True)
+    rejected = torch.tensor([-400.0])  # β Δr = -40
+    out = PF.dpo_loss(policy, rejected, torch.zeros(1), torch.zeros(1), beta=0.1, loss_type=loss_type)
+    c64 = torch.tensor([chosen * 0.1], dtype=torch.float64, requires_grad=True)
+    loss64 = expected(c64, torch.tensor([-40.0], dtype=torch.float64)).sum()
+    torch.testing.assert_close(out.loss.double(), loss64.detach(), rtol=1e-5, atol=0)
+    (grad,) = torch.autograd.grad(out.loss, policy)
+    (grad64,) = torch.autograd.grad(loss64, c64)
+    torch.testing.assert_close(grad.double(), 0.1 * grad64, rtol=1e-4, atol=0)

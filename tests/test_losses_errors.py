@@ -18,7 +18,7 @@ from prefuse.alignment import (
     SPPOLoss,
 )
 from prefuse.alignment import functional as PF
-from test_losses_reference import IGNORE, make_labels
+from reference import IGNORE, make_labels
 
 B, T, D, V = 2, 8, 8, 20
 

@@ -6,13 +6,15 @@ import pytest
 import torch
 from prefuse.alignment import FactAlignLoss, KTOLoss
 from prefuse.alignment import functional as PF
-from test_losses_kto import KTO_METRICS, naive_kto
-from test_losses_reference import (
+from reference import (
     IGNORE,
+    KTO_METRICS,
     Head,
     assert_loss_and_grads,
     assert_metrics,
     make_labels,
+    make_sentences,
+    naive_factalign,
     naive_token_logps,
 )
 
@@ -31,24 +33,6 @@ FG_METRICS = {
     "fg_logps/reference_rejected",
 }
 FG_KL_METRICS = {"fg_logps/policy_KL", "fg_logps/reference_KL"}
-
-
-def make_sentences(labels: torch.Tensor, gen: torch.Generator, *, skip: float = 0.2):
-    """Split each row's completion (labels != -100) into consecutive sentences of 1-4 tokens, numbered over
-    the batch; a few tokens stay outside every sentence (-1). Returns (sentence_ids aligned with labels, S)."""
-    ids = torch.full_like(labels, -1)
-    next_id = 0
-    for r in range(labels.shape[0]):
-        positions = torch.nonzero(labels[r] != IGNORE).flatten().tolist()
-        i = 0
-        while i < len(positions):
-            length = int(torch.randint(1, 5, (1,), generator=gen))
-            if float(torch.rand(1, generator=gen)) >= skip:
-                for p in positions[i : i + length]:
-                    ids[r, p] = next_id
-                next_id += 1
-            i += length
-    return ids, next_id
 
 
 class Batch:
@@ -80,69 +64,6 @@ class Batch:
         }
         kw.update(over)
         return kw
-
-
-def naive_factalign(
-    b: Batch,
-    *,
-    beta=0.1,
-    fg_beta=0.1,
-    wd=1.0,
-    wu=1.0,
-    fwd=1.0,
-    fwu=4.0,
-    lw=1.0,
-    fgw=1.0,
-    use_kl_sentences=True,
-):
-    tok, _ = naive_token_logps(b.policy.h64, b.policy.w64, b.policy.b64, b.labels)
-    rtok, _ = naive_token_logps(b.ref.h64, b.ref.w64, b.ref.b64, b.labels)
-    ktok, _ = naive_token_logps(b.kl_hidden, b.policy.w64, b.policy.b64, b.kl_labels)
-    krtok, _ = naive_token_logps(b.ref_kl_hidden, b.ref.w64, b.ref.b64, b.kl_labels)
-    ktok = ktok.detach()
-    # Response level.
-    z = torch.clamp((ktok.sum(-1) - krtok.sum(-1)).mean(), min=0)
-    kto, metrics = naive_kto(tok.sum(-1), rtok.sum(-1), b.desirable, z, beta=beta, wd=wd, wu=wu)
-    # Sentence level: each sentence's own tokens; label position t+1 is output position t.
-    sid = b.sentence_ids[:, 1:]
-    S = b.num_sentences
-    pol_s = torch.stack([tok[sid == s].sum() for s in range(S)]) if S else torch.zeros(0, dtype=torch.float64)
-    ref_s = (
-        torch.stack([rtok[sid == s].sum() for s in range(S)]) if S else torch.zeros(0, dtype=torch.float64)
-    )
-    z_fg = torch.zeros((), dtype=torch.float64)
-    if use_kl_sentences:
-        ksid = b.kl_sentence_ids[:, 1:]
-        kl_ids = sorted(set(b.kl_sentence_ids[b.kl_sentence_ids >= 0].tolist()))
-        kl_pol = torch.stack([ktok[ksid == s].sum() for s in kl_ids])
-        kl_ref = torch.stack([krtok[ksid == s].sum() for s in kl_ids])
-        z_fg = torch.clamp((kl_pol - kl_ref).mean(), min=0)
-        metrics["fg_logps/policy_KL"] = kl_pol.mean()
-        metrics["fg_logps/reference_KL"] = kl_ref.mean()
-    d_s = pol_s - ref_s
-    terms = [
-        fwd * (1 - torch.sigmoid(fg_beta * (d_s[s] - z_fg)))
-        if b.sentence_labels[s]
-        else fwu * (1 - torch.sigmoid(fg_beta * (z_fg - d_s[s])))
-        for s in range(S)
-    ]
-    fg = torch.stack(terms).mean() if S else torch.zeros((), dtype=torch.float64)
-    sup, uns = b.sentence_labels, ~b.sentence_labels
-    metrics.update(
-        {
-            "fg_kl": z_fg,
-            "fg_loss": fg.detach(),
-            "fg_rewards/chosen_sum": (fg_beta * d_s.detach())[sup].sum(),
-            "fg_rewards/rejected_sum": (fg_beta * d_s.detach())[uns].sum(),
-            "count/fg_chosen": int(sup.sum()),
-            "count/fg_rejected": int(uns.sum()),
-            "fg_logps/policy_chosen": pol_s.detach()[sup].sum() / max(int(sup.sum()), 1),
-            "fg_logps/reference_chosen": ref_s.detach()[sup].sum() / max(int(sup.sum()), 1),
-            "fg_logps/policy_rejected": pol_s.detach()[uns].sum() / max(int(uns.sum()), 1),
-            "fg_logps/reference_rejected": ref_s.detach()[uns].sum() / max(int(uns.sum()), 1),
-        }
-    )
-    return lw * kto + fgw * fg, metrics
 
 
 def test_factalign_matches_naive_float64_defaults():
@@ -321,3 +242,31 @@ def test_factalign_value_errors(bad):
         match = "kl_sentence_ids"
     with pytest.raises(ValueError, match=match):
         FactAlignLoss(backend="torch")(b.policy.h32, b.policy.w32, b.labels, b.desirable, **kwargs)
+
+
+def test_factalign_sentence_term_keeps_the_tail():
+    """Sentence-level KTO far on its good side costs σ(-x) (not the float32 ``1 - σ(x)``, exactly 0 there)."""
+    x = torch.tensor([18.0, 30.0])  # β_fg · Δ_s of a supported and an unsupported sentence, z_fg = 0
+    logps = torch.tensor([[x[0] / 0.5, -x[1] / 0.5]], requires_grad=True)
+    out = PF.factalign_loss(
+        logps, torch.zeros(1, 2), torch.tensor([True]), torch.tensor([[0, 1]]), torch.tensor([True, False]),
+        kl=0.0, fg_kl=0.0, fg_beta=0.5, loss_weight=0.0, fg_desirable_weight=1.0, fg_undesirable_weight=1.0,
+    )  # fmt: skip
+    expected = torch.sigmoid(-x.double()).mean()
+    torch.testing.assert_close(out.metrics["fg_loss"].double(), expected, rtol=1e-5, atol=0)
+    (grad,) = torch.autograd.grad(out.loss, logps)
+    assert (grad != 0).all()
+
+
+@pytest.mark.parametrize("fg_kl", [float("nan"), torch.tensor(float("-inf"))])
+def test_factalign_bad_given_fg_kl_is_a_value_error(fg_kl):
+    with pytest.raises(ValueError, match="fg_kl"):
+        PF.factalign_loss(
+            torch.zeros(1, 2),
+            torch.zeros(1, 2),
+            torch.tensor([True]),
+            torch.tensor([[0, 1]]),
+            torch.tensor([True, False]),
+            kl=0.0,
+            fg_kl=fg_kl,
+        )

@@ -8,10 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 from prefuse.alignment import DPOLoss, FactAlignLoss, KTOLoss
-from test_losses_dpo import naive_dpo
-from test_losses_factalign import make_sentences, naive_factalign
-from test_losses_kto import naive_kto
-from test_losses_reference import Head, assert_loss_and_grads, make_labels, naive_seq_logps
+from reference import (
+    Head,
+    assert_loss_and_grads,
+    make_labels,
+    make_sentences,
+    naive_dpo,
+    naive_factalign,
+    naive_kto,
+    naive_seq_logps,
+)
 
 pytestmark = pytest.mark.interpret
 

@@ -6,31 +6,18 @@ import pytest
 import torch
 from prefuse.alignment import KTOLoss
 from prefuse.alignment import functional as PF
-from test_losses_reference import (
+from reference import (
+    KTO_METRICS,
     Head,
     assert_loss_and_grads,
     assert_metrics,
     make_labels,
+    naive_kto,
     naive_seq_logps,
 )
 
 N, T, D, V = 6, 10, 16, 40
 T_KL = 8
-
-KTO_METRICS = {
-    "kl",
-    "count/chosen",
-    "count/rejected",
-    "rewards/chosen_sum",
-    "rewards/rejected_sum",
-    "logps/chosen_sum",
-    "logps/rejected_sum",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-}
 
 
 class Batch:
@@ -65,36 +52,6 @@ class Batch:
         pkl, _ = naive_seq_logps(self.kl_hidden, self.policy.w64, self.policy.b64, self.kl_labels)
         rkl, _ = naive_seq_logps(self.ref_kl_hidden, self.ref.w64, self.ref.b64, self.kl_labels)
         return p, r, pkl.detach(), rkl
-
-
-def naive_kto(p, r, desirable, z, *, beta, wd=1.0, wu=1.0):
-    """TRL / HALOs KTO in float64: mean over rows of the class-weighted sigmoid losses."""
-    d = p - r
-    losses = []
-    for i in range(d.shape[0]):
-        if desirable[i]:
-            losses.append(wd * (1 - torch.sigmoid(beta * (d[i] - z))))
-        else:
-            losses.append(wu * (1 - torch.sigmoid(beta * (z - d[i]))))
-    loss = torch.stack(losses).mean()
-    rewards = (beta * d).detach()
-    ch, rj = desirable, ~desirable
-    nc, nr = int(ch.sum()), int(rj.sum())
-    metrics = {
-        "kl": z,
-        "count/chosen": nc,
-        "count/rejected": nr,
-        "rewards/chosen_sum": rewards[ch].sum(),
-        "rewards/rejected_sum": rewards[rj].sum(),
-        "logps/chosen_sum": p.detach()[ch].sum(),
-        "logps/rejected_sum": p.detach()[rj].sum(),
-        "rewards/chosen": rewards[ch].sum() / max(nc, 1),
-        "rewards/rejected": rewards[rj].sum() / max(nr, 1),
-        "logps/chosen": p.detach()[ch].sum() / max(nc, 1),
-        "logps/rejected": p.detach()[rj].sum() / max(nr, 1),
-    }
-    metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-    return loss, metrics
 
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0), (1.33, 0.5)])
@@ -151,7 +108,7 @@ def test_kto_given_kl_and_reference_forms():
     loss64, _ = naive_kto(p, r, b.desirable, torch.tensor(0.25, dtype=torch.float64), beta=0.1)
     assert_loss_and_grads(out.loss, loss64, b.policy)
     assert float(out.metrics["kl"]) == 0.25
-    from test_losses_reference import naive_token_logps
+    from reference import naive_token_logps
 
     rtok, _ = naive_token_logps(b.ref.h64, b.ref.w64, b.ref.b64, b.labels)
     per_token = module(
@@ -265,11 +222,54 @@ def _worker(rank: int, world: int) -> tuple[float, float]:
     return float(z), float(out.metrics["kl"])
 
 
+@pytest.mark.slow  # spawns gloo ranks
 def test_kl_reference_point_is_count_weighted_over_ranks():
     """Two gloo ranks with 1 and 4 KL rows: z is the mean over all 5 rows, not the mean of rank means.
     (The launcher, with its timeouts, and the full 2-rank loss tests are in test_distributed.py.)"""
-    from test_distributed import run_ranks
+    from ranks import run_ranks
 
     expected = (3.0 + 2.0) / 5  # count-weighted; the mean of rank means would be (3.0 + 0.5) / 2
     for z, kl in run_ranks(_worker):
         assert abs(z - expected) < 1e-6 and abs(kl - expected) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------- numerics
+@pytest.mark.parametrize("desirable", [True, False])
+def test_kto_keeps_the_tail_of_a_saturated_sigmoid(desirable):
+    """A row far on its good side costs σ(-x), not the float32 ``1 - σ(x)`` (0.6 % off at x = 12.7, exactly 0
+    past x ≈ 16.6): value and gradient match float64 at x from 5 to 60."""
+    x = torch.tensor([5.0, 12.7, 16.0, 20.0, 40.0, 60.0])  # β(Δ - z) for desirable rows, β(z - Δ) otherwise
+    beta = 0.5
+    delta = (x if desirable else -x) / beta
+    policy = delta.clone().requires_grad_(True)
+    labels = torch.full((6,), desirable)
+    out = PF.kto_loss(policy, torch.zeros(6), labels, kl=0.0, beta=beta)
+    (grad,) = torch.autograd.grad(out.loss, policy)
+    expected = torch.sigmoid(-x.double()) / 6  # per row: λ σ(-x), mean over the rows
+    torch.testing.assert_close(out.loss.double(), expected.sum(), rtol=1e-5, atol=0)
+    sign = -1.0 if desirable else 1.0  # d/dΔ of σ(β(z - Δ)) and of σ(β(Δ - z))
+    torch.testing.assert_close(
+        grad.double(), sign * beta * expected * torch.sigmoid(x.double()), rtol=1e-5, atol=0
+    )
+    assert (grad != 0).all()
+
+
+@pytest.mark.parametrize(
+    "kl", [float("nan"), float("inf"), torch.tensor(float("nan")), torch.tensor([0.1, 0.2])]
+)
+def test_kto_bad_given_kl_is_a_value_error(kl):
+    b = Batch(6)
+    with pytest.raises(ValueError, match="kl"):
+        KTOLoss(backend="torch")(
+            b.policy.h32,
+            b.policy.w32,
+            b.labels,
+            b.desirable,
+            kl=kl,
+            bias=b.policy.b32,
+            ref_hidden=b.ref.h32,
+            ref_weight=b.ref.w32,
+            ref_bias=b.ref.b32,
+        )
+    with pytest.raises(ValueError, match="kl"):
+        PF.kto_loss(torch.zeros(2), torch.zeros(2), torch.tensor([True, False]), kl=kl)

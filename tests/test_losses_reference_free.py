@@ -7,15 +7,16 @@ import math
 import pytest
 import torch
 from prefuse.alignment import CPOLoss, ORPOLoss, SimPOLoss
-from test_losses_reference import (
+from reference import (
     IGNORE,
     PAIR_METRICS,
     Head,
     assert_loss_and_grads,
     assert_metrics,
-    logsig,
     make_labels,
-    naive_pair_metrics,
+    naive_cpo,
+    naive_orpo,
+    naive_simpo,
     naive_token_logps,
 )
 
@@ -27,65 +28,26 @@ def batch(seed: int):
     return Head(2 * B, T, D, V, gen), make_labels(2 * B, T, V, gen)
 
 
-def naive_parts(policy: Head, labels):
-    tok, mask = naive_token_logps(policy.h64, policy.w64, policy.b64, labels)
-    sums, lengths = tok.sum(-1), mask.sum(-1).double()
-    nll = -tok[:B].sum() / mask[:B].sum()
-    return sums, lengths, nll
-
-
-def naive_simpo(policy, labels, *, beta, gamma, eps, nll_weight):
-    sums, lengths, nll = naive_parts(policy, labels)
-    avg = sums / lengths
-    u = beta * (avg[:B] - avg[B:]) - gamma
-    loss = (-(1 - eps) * logsig(u) - eps * logsig(-u)).mean() + nll_weight * nll
-    metrics = naive_pair_metrics(avg[:B], avg[B:], beta * avg[:B], beta * avg[B:])
-    metrics["nll_loss"] = nll
-    return loss, metrics
-
-
-def naive_orpo(policy, labels, *, beta, nll_weight):
-    sums, lengths, nll = naive_parts(policy, labels)
-    avg = sums / lengths
-    c, r = avg[:B], avg[B:]
-    log_odds = (c - r) - (torch.log(1 - torch.exp(c)) - torch.log(1 - torch.exp(r)))
-    ratio = logsig(log_odds)
-    loss = nll_weight * nll - beta * ratio.mean()
-    metrics = naive_pair_metrics(c, r, beta * c, beta * r)
-    metrics.update({"nll_loss": nll, "log_odds_ratio": ratio.mean(), "log_odds_chosen": log_odds.mean()})
-    return loss, metrics
-
-
-def naive_cpo(policy, labels, *, beta, eps, nll_weight, average=False):
-    sums, lengths, nll = naive_parts(policy, labels)
-    lp = sums / lengths if average else sums
-    u = beta * (lp[:B] - lp[B:])
-    loss = (-(1 - eps) * logsig(u) - eps * logsig(-u)).mean() + nll_weight * nll
-    metrics = naive_pair_metrics(lp[:B], lp[B:], beta * lp[:B], beta * lp[B:])
-    metrics["nll_loss"] = nll
-    return loss, metrics
-
-
 CASES = {
     "simpo": (
         lambda: SimPOLoss(beta=2.0, gamma=0.8, label_smoothing=0.1, nll_weight=0.5, backend="torch"),
-        lambda p, l: naive_simpo(p, l, beta=2.0, gamma=0.8, eps=0.1, nll_weight=0.5),
+        lambda tok, mask: naive_simpo(tok, mask, beta=2.0, gamma=0.8, eps=0.1, nll_weight=0.5),
     ),
     "simpo_default": (
         lambda: SimPOLoss(backend="torch"),
-        lambda p, l: naive_simpo(p, l, beta=0.1, gamma=0.5, eps=0.0, nll_weight=0.0),
+        lambda tok, mask: naive_simpo(tok, mask, beta=0.1, gamma=0.5, eps=0.0, nll_weight=0.0),
     ),
     "orpo": (
         lambda: ORPOLoss(beta=0.25, backend="torch"),
-        lambda p, l: naive_orpo(p, l, beta=0.25, nll_weight=1.0),
+        lambda tok, mask: naive_orpo(tok, mask, beta=0.25, nll_weight=1.0),
     ),
     "cpo": (
         lambda: CPOLoss(beta=0.2, label_smoothing=0.05, backend="torch"),
-        lambda p, l: naive_cpo(p, l, beta=0.2, eps=0.05, nll_weight=1.0),
+        lambda tok, mask: naive_cpo(tok, mask, beta=0.2, eps=0.05, nll_weight=1.0),
     ),
     "cpo_avg": (
         lambda: CPOLoss(beta=0.2, nll_weight=0.0, average_log_prob=True, backend="torch"),
-        lambda p, l: naive_cpo(p, l, beta=0.2, eps=0.0, nll_weight=0.0, average=True),
+        lambda tok, mask: naive_cpo(tok, mask, beta=0.2, eps=0.0, nll_weight=0.0, average=True),
     ),
 }
 
@@ -95,7 +57,7 @@ def test_reference_free_matches_naive_float64(case):
     make_module, naive = CASES[case]
     policy, labels = batch(list(CASES).index(case))
     out = make_module()(policy.h32, policy.w32, labels, bias=policy.b32)
-    loss64, metrics = naive(policy, labels)
+    loss64, metrics = naive(*naive_token_logps(policy.h64, policy.w64, policy.b64, labels))
     assert_loss_and_grads(out.loss, loss64, policy)
     assert_metrics(out.metrics, metrics)
     extra = {"log_odds_ratio", "log_odds_chosen"} if case == "orpo" else set()

@@ -11,15 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prefuse.alignment import SamPOLoss
 from prefuse.alignment import functional as PF
-from test_losses_reference import (
+from reference import (
     IGNORE,
     PAIR_METRICS,
     Head,
     assert_loss_and_grads,
     assert_metrics,
-    logsig,
+    head_token_logps,
     make_labels,
-    naive_pair_metrics,
+    naive_sampo,
     naive_token_logps,
 )
 
@@ -111,18 +111,6 @@ def batch(seed: int):
     return policy, ref, labels
 
 
-def naive_sampo(policy: Head, ref: Head, labels, kept_c, kept_r, *, beta):
-    """SamPO in float64 from full logits on the given kept positions (shared by policy and reference)."""
-    tok, _ = naive_token_logps(policy.h64, policy.w64, policy.b64, labels)
-    rtok, _ = naive_token_logps(ref.h64, ref.w64, ref.b64, labels)
-    kept = torch.cat([kept_c, kept_r])
-    p = (tok * kept).sum(-1)
-    r = (rtok * kept).sum(-1)
-    dc, dr = p[:B] - r[:B], p[B:] - r[B:]
-    loss = -logsig(beta * (dc - dr)).mean()
-    return loss, naive_pair_metrics(p[:B], p[B:], beta * dc, beta * dr)
-
-
 def _completion_masks(labels):
     mask = labels[:, 1:] != IGNORE
     return mask[:B], mask[B:]
@@ -145,7 +133,9 @@ def test_sampo_matches_naive_float64():
         *_completion_masks(labels), generator=torch.Generator().manual_seed(123)
     )
     assert (kept_c.sum() + kept_r.sum()) < (labels[:, 1:] != IGNORE).sum()  # this batch down-samples
-    loss64, metrics = naive_sampo(policy, ref, labels, kept_c, kept_r, beta=0.2)
+    loss64, metrics = naive_sampo(
+        head_token_logps(policy, labels), head_token_logps(ref, labels), kept_c, kept_r, beta=0.2
+    )
     assert_loss_and_grads(out.loss, loss64, policy)
     assert_metrics(out.metrics, metrics)  # no nll_loss: unsampled chosen tokens were never computed
     assert set(out.metrics) == set(PAIR_METRICS)
@@ -205,7 +195,9 @@ def test_sampo_nll_weight_scores_full_chosen():
     kept_c, kept_r = PF.sampo_sample_masks(
         *_completion_masks(labels), generator=torch.Generator().manual_seed(9)
     )
-    loss64, _ = naive_sampo(policy, ref, labels, kept_c, kept_r, beta=0.1)
+    loss64, _ = naive_sampo(
+        head_token_logps(policy, labels), head_token_logps(ref, labels), kept_c, kept_r, beta=0.1
+    )
     tok, mask = naive_token_logps(policy.h64, policy.w64, policy.b64, labels)
     nll = -tok[:B].sum() / mask[:B].sum()
     assert_loss_and_grads(out.loss, loss64 + 0.3 * nll, policy)

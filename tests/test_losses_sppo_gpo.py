@@ -6,14 +6,14 @@ import pytest
 import torch
 from prefuse.alignment import DPOLoss, GPOLoss, SPPOLoss
 from prefuse.alignment import functional as PF
-from test_losses_reference import (
+from reference import (
     PAIR_METRICS,
     Head,
     assert_loss_and_grads,
     assert_metrics,
+    head_token_logps,
     make_labels,
-    naive_pair_metrics,
-    naive_seq_logps,
+    naive_square,
 )
 
 B, T, D, V = 3, 10, 16, 40
@@ -25,15 +25,6 @@ def batch(seed: int):
     ref = Head(2 * B, T, D, V, gen, grad=False)
     labels = make_labels(2 * B, T, V, gen)
     return policy, ref, labels, gen
-
-
-def naive_square(policy, ref, labels, target_c, target_r, beta):
-    """½[(Δw - target_w)² + (Δl - target_l)²], mean over pairs, float64."""
-    p, _ = naive_seq_logps(policy.h64, policy.w64, policy.b64, labels)
-    r, _ = naive_seq_logps(ref.h64, ref.w64, ref.b64, labels)
-    dc, dr = p[:B] - r[:B], p[B:] - r[B:]
-    loss = (0.5 * ((dc - target_c) ** 2 + (dr - target_r) ** 2)).mean()
-    return loss, naive_pair_metrics(p[:B], p[B:], beta * dc, beta * dr)
 
 
 @pytest.mark.parametrize("beta", [0.001, 0.2])
@@ -53,7 +44,11 @@ def test_sppo_matches_naive_float64(beta):
     )
     eta = 1 / beta
     loss64, metrics = naive_square(
-        policy, ref, labels, eta * (pw.double() - 0.5), eta * (pl.double() - 0.5), beta
+        head_token_logps(policy, labels),
+        head_token_logps(ref, labels),
+        eta * (pw.double() - 0.5),
+        eta * (pl.double() - 0.5),
+        beta,
     )
     assert_loss_and_grads(out.loss, loss64, policy, rtol=5e-4)
     assert_metrics(out.metrics, metrics)
@@ -92,7 +87,9 @@ def test_gpo_matches_naive_float64(clamp):
         low, high = (-clamp, clamp) if isinstance(clamp, float) else clamp
         tc, tr = tc.clamp(low, high), tr.clamp(low, high)
         assert ((sw / beta).abs() > min(abs(low), high)).any()  # the clamp bites on this batch
-    loss64, metrics = naive_square(policy, ref, labels, tc, tr, beta)
+    loss64, metrics = naive_square(
+        head_token_logps(policy, labels), head_token_logps(ref, labels), tc, tr, beta
+    )
     assert_loss_and_grads(out.loss, loss64, policy, rtol=5e-4)
     assert_metrics(out.metrics, metrics)
 
@@ -124,3 +121,43 @@ def test_gpo_bad_clamp():
         GPOLoss(clamp=-1.0)
     with pytest.raises(ValueError, match="clamp"):
         GPOLoss(clamp=(2.0, 1.0))
+
+
+@pytest.mark.parametrize("name", ["s_chosen", "s_rejected"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_gpo_non_finite_scores_are_a_value_error(name, value):
+    policy, ref, labels, gen = batch(5)
+    scores = {"s_chosen": torch.rand(B, generator=gen), "s_rejected": torch.rand(B, generator=gen)}
+    scores[name][1] = value
+    with pytest.raises(ValueError, match=name):
+        GPOLoss(backend="torch")(
+            policy.h32,
+            policy.w32,
+            labels,
+            bias=policy.b32,
+            ref_hidden=ref.h32,
+            ref_weight=ref.w32,
+            ref_bias=ref.b32,
+            **scores,
+        )
+    with pytest.raises(ValueError, match=name):
+        PF.gpo_loss(torch.zeros(B), torch.zeros(B), torch.zeros(B), torch.zeros(B), **scores)
+
+
+def test_sppo_is_gpo_with_centred_win_rates():
+    """SPPOLoss is GPOLoss (unclamped) with the scores p - ½: the same value and gradient."""
+    policy, ref, labels, gen = batch(6)
+    pw, pl = torch.rand(B, generator=gen), torch.rand(B, generator=gen)
+    common = {"bias": policy.b32, "ref_hidden": ref.h32, "ref_weight": ref.w32, "ref_bias": ref.b32}
+    sppo = SPPOLoss(beta=0.05, backend="torch")(
+        policy.h32, policy.w32, labels, p_chosen=pw, p_rejected=pl, **common
+    )
+    gpo = GPOLoss(beta=0.05, backend="torch")(
+        policy.h32, policy.w32, labels, s_chosen=pw - 0.5, s_rejected=pl - 0.5, **common
+    )
+    torch.testing.assert_close(sppo.loss, gpo.loss)
+    for a, b in zip(
+        torch.autograd.grad(sppo.loss, policy.leaves32()), torch.autograd.grad(gpo.loss, policy.leaves32())
+    ):
+        torch.testing.assert_close(a, b)
+    assert isinstance(SPPOLoss(), GPOLoss)

@@ -1,7 +1,6 @@
 """``linear_logprobs(..., outputs=...)``: TRL's per-token outputs against a float64 full-logits reference, the
 ``logit_scale`` option, and the op-level faults (transforms, autocast, option checks)."""
 
-import inspect
 import math
 
 import pytest
@@ -9,14 +8,9 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from prefuse.kernels import TokenOutputs, linear_logprobs
 from prefuse.kernels.linear_logprobs import naive_linear_logprobs, naive_token_outputs
+from reference import grad_tol, rel_err
 
 ALL = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-
-
-def _triton_takes_v2():
-    from prefuse.kernels.linear_logprobs import triton_fwd
-
-    return "logit_scale" in inspect.signature(triton_fwd.forward).parameters
 
 
 IMPLS = [
@@ -36,11 +30,6 @@ OPTIONS = {
 }
 
 
-def skip_unless_supported(backend):
-    if backend == "triton" and not _triton_takes_v2():
-        pytest.skip("this checkout's triton_fwd.forward takes no logit_scale / with_stats keywords yet")
-
-
 def make_inputs(
     shape=(2, 9), dim=19, vocab=67, dtype=torch.float32, device="cpu", bias=False, scale=1.0, seed=0
 ):
@@ -53,15 +42,6 @@ def make_inputs(
     if len(shape) > 1 and shape[0] > 1:
         targets[-1] = -100
     return hidden.to(device), weight.to(device), targets.to(device), None if b is None else b.to(device)
-
-
-def rel_err(actual, expected):
-    scale = expected.abs().max().clamp_min(1e-30)
-    return ((actual.double().cpu() - expected).abs().max() / scale).item()
-
-
-def grad_tol(dtype):
-    return 1e-4 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
 
 
 def run_both(backend, hidden, weight, targets, bias, seed=1, **opts):
@@ -119,7 +99,6 @@ def ignored_mask(targets, shift=False):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", OPTIONS)
 def test_token_outputs_match_float64_reference(impl, dtype, name):
-    skip_unless_supported(impl[0])
     opts = dict(OPTIONS[name])
     with_bias = opts.pop("bias", False)
     hidden, weight, targets, bias = make_inputs(dtype=dtype, device=impl[1], bias=with_bias)
@@ -136,7 +115,6 @@ def test_token_outputs_match_float64_reference(impl, dtype, name):
     ids=["single-token", "3d-odd", "vocab-1", "vocab-1000"],
 )
 def test_token_outputs_odd_shapes(impl, shape, dim, vocab):
-    skip_unless_supported(impl[0])
     hidden, weight, targets, bias = make_inputs(shape=shape, dim=dim, vocab=vocab, device=impl[1], bias=True)
     targets[..., -1] = 0
     out, grads, ref, ref_grads = run_both(impl[0], hidden, weight, targets, bias)
@@ -147,7 +125,6 @@ def test_token_outputs_odd_shapes(impl, shape, dim, vocab):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_token_outputs_huge_logits(impl):
     """Logits ~1e4: every statistic stays finite and accurate (online max and rescaled sums)."""
-    skip_unless_supported(impl[0])
     hidden, weight, targets, bias = make_inputs(scale=2e3, device=impl[1], bias=True)
     out, grads, ref, ref_grads = run_both(impl[0], hidden, weight, targets, bias)
     for name in ("logp", "log_sum_sq_probs", "mean_logits"):
@@ -162,7 +139,6 @@ def test_token_outputs_huge_logits(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_token_outputs_all_ignored(impl):
-    skip_unless_supported(impl[0])
     hidden, weight, targets, _ = make_inputs(device=impl[1])
     targets.fill_(-100)
     hidden.requires_grad_()
@@ -176,7 +152,6 @@ def test_token_outputs_all_ignored(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_entropy_gradient_with_frozen_head(impl):
     """Only the entropy flows back (no log-prob gradient), into hidden alone: the frozen head gets nothing."""
-    skip_unless_supported(impl[0])
     hidden, weight, targets, bias = make_inputs(device=impl[1], bias=True)
     h = hidden.clone().requires_grad_()
     out = linear_logprobs(h, weight, targets, bias, outputs=("entropy",), softcap=4.0, backend=impl[0])
@@ -192,7 +167,6 @@ def test_entropy_gradient_with_frozen_head(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_is_top1_is_the_first_argmax(impl):
     """Two identical weight rows tie exactly: only the first of them counts as the top-1 token."""
-    skip_unless_supported(impl[0])
     hidden, weight, targets, _ = make_inputs(shape=(6,), device=impl[1])
     weight[5] = hidden[0] * 3.0  # dominant for every row sharing hidden[0]'s direction
     weight[40] = weight[5]
@@ -205,7 +179,6 @@ def test_is_top1_is_the_first_argmax(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_logit_scale_matches_reference(impl):
     """``logit_scale`` multiplies the raw logits before the softcap (TRL's order), for values and gradients."""
-    skip_unless_supported(impl[0])
     hidden, weight, targets, bias = make_inputs(device=impl[1], bias=True)
     out, grads, ref, ref_grads = run_both(
         impl[0], hidden, weight, targets, bias, logit_scale=2.5, softcap=1.5

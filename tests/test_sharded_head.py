@@ -31,8 +31,10 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from test_distributed import run_ranks
+from ranks import run_ranks
 from torch.utils._pytree import tree_map
+
+pytestmark = pytest.mark.slow  # spawns gloo ranks: CI runs it, `-m "not slow"` skips it
 
 V, T, B, BETA = 300, 8, 2, 0.5  # B pairs: rank r of 2 takes pair r
 

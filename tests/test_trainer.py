@@ -12,14 +12,15 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
-
+import transformers
 from prefuse.alignment import functional as Fn
 from prefuse.alignment.data import build_tokenizer, load_preference_data
 from prefuse.alignment.iterative import run_iterations
-from prefuse.alignment.trainer import METHODS, PreferenceConfig, PreferenceTrainer
+from prefuse.alignment.methods import METHODS
+from prefuse.alignment.trainer import PreferenceConfig, PreferenceTrainer
+from reference import naive_cpo, naive_orpo, naive_simpo
+
+pytest.importorskip("accelerate")
 
 BETA = 0.1  # SPPO/GPO too (their seeds' 0.001 gives losses of 1e5: fine, but looser to compare)
 
@@ -51,7 +52,7 @@ def _model(kind, tokenizer, seed):
 
 
 def _data(method, n_records=4):
-    return load_preference_data("unpaired" if method in ("kto", "factalign") else "paired", limit=n_records)
+    return load_preference_data("paired" if METHODS[method].paired else "unpaired", limit=n_records)
 
 
 def _config(tmp_path, method, **kwargs):
@@ -79,6 +80,13 @@ def _naive_loss(method, policy_model, ref_model, batch, seed):
     """The method's loss from full logits, written out here (FactAlign's sentence part via functional)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     policy = _token_logps(policy_model, ids, mask, labels)
+    scored = labels[:, 1:] != -100
+    if method == "simpo":
+        return naive_simpo(policy, scored, beta=BETA, gamma=0.5, eps=0.0, nll_weight=0.0)[0].float()
+    if method == "orpo":
+        return naive_orpo(policy, scored, beta=BETA, nll_weight=1.0)[0].float()
+    if method == "cpo":
+        return naive_cpo(policy, scored, beta=BETA, eps=0.0, nll_weight=1.0)[0].float()
     with torch.no_grad():
         ref = _token_logps(ref_model, ids, mask, labels)
     if method in ("dpo", "sampo", "sppo", "gpo"):
@@ -130,7 +138,8 @@ def _assert_grads_close(got, expected):
 @pytest.mark.parametrize("method", METHODS)
 def test_training_step_matches_full_logits(tmp_path, tokenizer, kind, method):
     policy = _model(kind, tokenizer, seed=0)
-    reference = _model(kind, tokenizer, seed=1)  # a different reference: log-ratios are not zero
+    # a different reference: log-ratios are not zero
+    reference = _model(kind, tokenizer, seed=1) if METHODS[method].reference else None
     trainer = PreferenceTrainer(policy, ref_model=reference, args=_config(tmp_path, method),
                                 train_dataset=_data(method), processing_class=tokenizer)
     batch = _batch(trainer, 4)
@@ -152,14 +161,44 @@ def test_training_step_matches_full_logits(tmp_path, tokenizer, kind, method):
 def test_naive_head_option_matches_fused(tmp_path, tokenizer, method):
     results = []
     for head in ("fused", "naive"):
-        trainer = PreferenceTrainer(_model("gemma2-softcap", tokenizer, 0),
-                                    ref_model=_model("gemma2-softcap", tokenizer, 1),
+        ref_model = _model("gemma2-softcap", tokenizer, 1) if METHODS[method].reference else None
+        trainer = PreferenceTrainer(_model("gemma2-softcap", tokenizer, 0), ref_model=ref_model,
                                     args=_config(tmp_path, method, head=head), train_dataset=_data(method),
                                     processing_class=tokenizer)
         loss = trainer.training_step(trainer.model, _batch(trainer, 4))
         results.append((loss, _grads(trainer.model)))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
     _assert_grads_close(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("method", ["simpo", "orpo", "cpo"])
+def test_reference_free_methods_train(tmp_path, tokenizer, method):
+    """SimPO, ORPO, CPO: no reference is built; the step's loss is the loss module's on the policy's hidden
+    states; a few steps on the bundled data lower the loss on that data."""
+    trainer = PreferenceTrainer(_model("llama", tokenizer, 0), args=_config(tmp_path, method, learning_rate=3e-3,
+                                                                          max_steps=6, logging_steps=100),
+                                train_dataset=_data(method, n_records=8), processing_class=tokenizer)
+    assert trainer.ref_source == "none" and trainer.ref_model is None
+    assert type(trainer.loss_module) is METHODS[method].loss
+    batch = _batch(trainer, 4)
+    with torch.no_grad():
+        got = trainer.compute_loss(trainer.model, dict(batch))
+        out = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            output_hidden_states=True)
+        module = trainer.loss_module(out.hidden_states[-1], trainer.model.lm_head.weight, batch["labels"])
+    torch.testing.assert_close(got, module.loss)
+    before = trainer.evaluate(trainer.train_dataset)["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate(trainer.train_dataset)["eval_loss"]
+    assert after < before - 1e-3, (before, after)
+
+
+def test_reference_free_methods_refuse_a_reference(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="reference-free"):
+        PreferenceTrainer(_model("llama", tokenizer, 0), ref_model=_model("llama", tokenizer, 1),
+                          args=_config(tmp_path, "simpo"), train_dataset=_data("simpo"), processing_class=tokenizer)
+    with pytest.raises(ValueError, match="precompute_ref_log_probs"):
+        _config(tmp_path, "orpo", precompute_ref_log_probs=True)
 
 
 @pytest.mark.parametrize("method", ["dpo", "sampo", "kto", "factalign"])
@@ -180,6 +219,10 @@ def test_reference_sources_agree(tmp_path, tokenizer, method):
     precomputed, trainer, batch = loss_of(config={"precompute_ref_log_probs": True})
     assert trainer.ref_source == "precomputed" and trainer.ref_model is None
     assert "ref_logps" in batch and ("ref_kl_logps" in batch) == (method in ("kto", "factalign"))
+    # per-token only where the loss needs tokens (SamPO's sample, FactAlign's sentences); else sums
+    assert batch["ref_logps"].dim() == (2 if method in ("sampo", "factalign") else 1)
+    assert isinstance(trainer.train_dataset[0]["ref_logps" if method in ("kto", "factalign") else "ref_chosen_logps"],
+                      list if method in ("sampo", "factalign") else float)
     torch.testing.assert_close(default, explicit)
     torch.testing.assert_close(default, precomputed, rtol=1e-5, atol=1e-6)
 
@@ -309,6 +352,12 @@ def test_iterations_use_the_previous_policy_as_reference(tmp_path, tokenizer):
     final = dict(result.model.named_parameters())
     moved = [not torch.equal(p, final[n]) for n, p in second.named_parameters()]
     assert any(moved)
+
+
+def test_reference_free_iterations_keep_no_reference(tmp_path, tokenizer):
+    result = run_iterations(_model("llama", tokenizer, 0), [_data("orpo")] * 2, processing_class=tokenizer,
+                            args=_config(tmp_path, "orpo", max_steps=1, logging_steps=1))
+    assert result.references == [None, None] and len(result.log_histories) == 2
 
 
 def test_iterations_with_lora_merge_the_adapter(tmp_path, tokenizer):

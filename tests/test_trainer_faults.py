@@ -69,6 +69,7 @@ def _losses(trainer):
     return {e["step"]: (e["loss"], e.get("rewards/margins")) for e in trainer.state.log_history if "loss" in e}
 
 
+@pytest.mark.slow  # an interrupted and a resumed run per method
 @pytest.mark.parametrize("method", ["dpo", "sampo", "kto", "factalign", "sppo", "gpo"])
 def test_resume_reproduces_the_loss_curve(tmp_path, tokenizer, method):
     view = "unpaired" if method in ("kto", "factalign") else "paired"

@@ -8,11 +8,10 @@ import warnings
 
 import pytest
 import torch
+from prefuse.alignment.data import build_tokenizer, load_preference_data
 
 trl = pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")
-
-from prefuse.alignment.data import build_tokenizer, load_preference_data  # noqa: E402
 from test_trl_patch import tiny_model  # noqa: E402
 
 prefuse_trl = pytest.importorskip("prefuse.alignment.trl")

@@ -3,9 +3,9 @@
 All pad on the right, put ``-100`` in ``labels`` on the prompt and the padding (labels are aligned with
 ``input_ids``; the losses shift), and return ``torch`` tensors.
 
-- ``PairedCollator`` (DPO, SamPO, SPPO, GPO): ``2B`` rows, chosen ``[:B]`` then rejected ``[B:]``, one padded
+- ``PairedCollator`` (DPO, SamPO, SPPO, GPO, SimPO, ORPO, CPO): ``2B`` rows, chosen ``[:B]`` then rejected ``[B:]``, one padded
   length; ``p_chosen``/``p_rejected`` and ``s_chosen``/``s_rejected`` ``(B,)`` float32 when the examples have
-  them; ``ref_logps`` ``(2B, T-1)`` when they carry precomputed reference log-probs.
+  them; ``ref_logps`` ``(2B, T-1)`` (or ``(2B,)`` sums) when they carry precomputed reference log-probs.
 - ``UnpairedCollator`` (KTO, FactAlign): ``B`` rows and ``desirable`` ``(B,)`` bool, plus the mismatched KL rows
   ``kl_input_ids`` / ``kl_attention_mask`` / ``kl_labels``, built inside the batch: completion ``i`` after
   the next prompt in the batch, ``(i + 1) mod B``, skipping prompts equal to its own (an example with a fixed ``kl_prompt_input_ids``, as ``precompute_ref_logps``
@@ -13,9 +13,12 @@ All pad on the right, put ``-100`` in ``labels`` on the prompt and the padding (
   sentence, ids ``0..S-1`` over the whole batch, row by row), ``sentence_labels`` ``(S,)`` bool and
   ``kl_sentence_ids`` (the KL rows' sentences numbered ``0..S_kl-1`` on their own).
 
-Precomputed reference log-probs are stored per completion token (``ref_chosen_logps`` / ``ref_rejected_logps``
-/ ``ref_logps`` / ``ref_kl_logps``, one float per completion token); the collators place them where
-``linear_logprobs(..., shift=True)`` puts a token's log-prob (position ``t - 1`` for the token at ``t``).
+Precomputed reference log-probs (``ref_chosen_logps`` / ``ref_rejected_logps`` / ``ref_logps`` /
+``ref_kl_logps``) are stored per completion token (a list, one float per completion token) or as the
+completion's sum (one float, where the loss needs no more); the collators place per-token values where
+``linear_logprobs(..., shift=True)`` puts a token's log-prob (position ``t - 1`` for the token at ``t``) and
+stack sums into ``(rows,)`` tensors. A batch holds one kind or the other. A KL row's sum is that of the row
+as this collator builds it (same partner prompt and truncation), as ``precompute_ref_logps`` computes it.
 
 Malformed features (a missing key, token ids that are not lists of non-negative ints, an empty completion, a
 ``label`` that is not a bool, win rates outside [0, 1] or NaN, non-finite scores, a per-token value list whose
@@ -34,7 +37,6 @@ from dataclasses import dataclass
 import torch
 from prefuse.alignment.data.processing import (
     PARTIAL_SENTENCES,
-    SCORE_COLUMNS,
     WIN_RATE_COLUMNS,
     check_bool,
     check_number,
@@ -68,10 +70,15 @@ def _check_ids(feature: dict, field: str, where, *, non_empty: bool = False, low
 
 
 def _check_values(feature: dict, field: str, where, length: int, *, at_most: bool = False) -> None:
-    """A per-completion-token float list (precomputed reference log-probs) of ``length`` finite entries."""
+    """Precomputed reference log-probs: a per-completion-token float list of ``length`` finite entries, or
+    one finite float (the completion's sum)."""
     values = feature[field]
     if isinstance(values, torch.Tensor):
         values = values.tolist()
+    if isinstance(values, numbers.Real) and not is_bool(values):
+        if not math.isfinite(float(values)):
+            raise row_error(where, field, f"expected a finite sum, got {values!r}")
+        return
     if values is None or isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise row_error(where, field, f"expected a list of floats, got {type(values).__name__}")
     if len(values) != length and not (at_most and len(values) >= length):
@@ -139,12 +146,13 @@ def _check_batch(features, *, paired: bool, sentences: bool = False) -> None:
 def check_tokenized_data(dataset, method: str, *, vocab_size: int | None = None) -> None:
     """Run the collators' checks over every row of a tokenised data set (``ValueError`` naming the row); with
     ``vocab_size``, a token id the model's embedding cannot look up is one of them."""
-    paired = method in ("dpo", "sampo", "sppo", "gpo")
-    sentences = method == "factalign"
-    required = {"sppo": WIN_RATE_COLUMNS, "gpo": SCORE_COLUMNS}.get(method, ())
+    from prefuse.alignment.methods import get_method
+
+    spec = get_method(method)
+    required = [c for c in spec.tokenized_columns if c in _PAIR_SCALARS]
     for index in range(len(dataset)):
         feature = dataset[index]
-        check_feature(feature, f"row {index}", paired=paired, sentences=sentences, vocab_size=vocab_size)
+        check_feature(feature, f"row {index}", paired=spec.paired, sentences=spec.sentences, vocab_size=vocab_size)
         for field in required:
             if feature.get(field) is None:
                 raise row_error(index, field, "missing (None)")
@@ -190,6 +198,23 @@ def _rows(prompts, completions, pad_id: int, multiple: int | None, completion_va
     return input_ids, attention_mask, labels, values
 
 
+def _is_sum(value) -> bool:
+    return isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.dim() == 0)
+
+
+def _split_reference(reference: list | None) -> tuple[list | None, torch.Tensor | None]:
+    """Precomputed reference values of a batch's rows -> ``(per-token values for _rows, None)`` or
+    ``(None, sums (rows,))``; ``ValueError`` for a batch mixing the two kinds."""
+    if reference is None:
+        return None, None
+    kinds = {_is_sum(v) for v in reference}
+    if len(kinds) > 1:
+        raise ValueError("precomputed reference log-probs mix per-token lists and per-sequence sums in one batch")
+    if kinds == {True}:
+        return None, torch.tensor([float(v) for v in reference], dtype=torch.float32)
+    return [(reference, 0.0)], None
+
+
 def _shifted(per_position: torch.Tensor) -> torch.Tensor:
     """Values aligned with ``labels`` -> aligned with the shifted per-token output ``(rows, T-1)``."""
     return per_position[:, 1:].contiguous()
@@ -208,10 +233,10 @@ class PairedCollator:
         chosen = [f["chosen_input_ids"] for f in features]
         rejected = [f["rejected_input_ids"] for f in features]
         precomputed = all("ref_chosen_logps" in f and "ref_rejected_logps" in f for f in features)
-        values = None
+        reference = None
         if precomputed:
-            values = [([f["ref_chosen_logps"] for f in features] + [f["ref_rejected_logps"] for f in features],
-                       0.0)]
+            reference = [f["ref_chosen_logps"] for f in features] + [f["ref_rejected_logps"] for f in features]
+        values, sums = _split_reference(reference)
         input_ids, attention_mask, labels, vals = _rows(prompts + prompts, chosen + rejected, self.pad_token_id,
                                                         self.pad_to_multiple_of, values)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
@@ -219,7 +244,7 @@ class PairedCollator:
             if all(key in f and f[key] is not None for f in features):
                 batch[key] = torch.tensor([float(f[key]) for f in features], dtype=torch.float32)
         if precomputed:
-            batch["ref_logps"] = _shifted(vals[0].float())
+            batch["ref_logps"] = sums if sums is not None else _shifted(vals[0].float())
         return batch
 
 
@@ -264,16 +289,14 @@ class UnpairedCollator:
         _check_batch(features, paired=False, sentences=sentences)
         prompts = [f["prompt_input_ids"] for f in features]
         completions = [f["completion_input_ids"] for f in features]
-        values = None
         precomputed = all("ref_logps" in f for f in features)
-        if precomputed:
-            values = [([f["ref_logps"] for f in features], 0.0)]
+        values, sums = _split_reference([f["ref_logps"] for f in features] if precomputed else None)
         input_ids, attention_mask, labels, vals = _rows(prompts, completions, self.pad_token_id,
                                                         self.pad_to_multiple_of, values)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                  "desirable": torch.tensor([bool(f["label"]) for f in features], dtype=torch.bool)}
         if precomputed:
-            batch["ref_logps"] = _shifted(vals[0].float())
+            batch["ref_logps"] = sums if sums is not None else _shifted(vals[0].float())
         if sentences:
             sentence_ids, sentence_labels = self._sentence_rows(
                 [f["completion_sentence_ids"] for f in features], [f["sentence_labels"] for f in features],
@@ -310,15 +333,17 @@ class UnpairedCollator:
             kl_completions.append(c)
             kl_ids.append(ids)
             kl_labels_list.append(labels)
-        values = None
         precomputed = all("ref_kl_logps" in f for f in features)
-        if precomputed:
-            values = [([list(f["ref_kl_logps"])[: len(c)] for f, c in zip(features, kl_completions)], 0.0)]
+        reference = None
+        if precomputed:  # per-token values of a KL row cut further than its own row are cut with it
+            reference = [f["ref_kl_logps"] if _is_sum(f["ref_kl_logps"]) else list(f["ref_kl_logps"])[: len(c)]
+                         for f, c in zip(features, kl_completions)]
+        values, sums = _split_reference(reference)
         input_ids, attention_mask, labels, vals = _rows(kl_prompts, kl_completions, self.pad_token_id,
                                                         self.pad_to_multiple_of, values)
         out = {"kl_input_ids": input_ids, "kl_attention_mask": attention_mask, "kl_labels": labels}
         if precomputed:
-            out["ref_kl_logps"] = _shifted(vals[0].float())
+            out["ref_kl_logps"] = sums if sums is not None else _shifted(vals[0].float())
         if sentences:
             out["kl_sentence_ids"], _ = self._sentence_rows(kl_ids, kl_labels_list, kl_prompts, input_ids.shape[1])
         return out
@@ -326,15 +351,9 @@ class UnpairedCollator:
 
 def collator_for(method: str, tokenizer, *, max_length: int | None = None, max_prompt_length: int | None = None,
                  partial_sentences: str = "drop", pad_to_multiple_of: int | None = None):
-    """The collator a method's batches need (``dpo``/``sampo``/``sppo``/``gpo``: paired; ``kto``/``factalign``:
-    unpaired, with sentence ids for ``factalign``)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
-    if method in ("dpo", "sampo", "sppo", "gpo"):
-        return PairedCollator(pad, pad_to_multiple_of=pad_to_multiple_of)
-    if method in ("kto", "factalign"):
-        return UnpairedCollator(pad, max_length=max_length, max_prompt_length=max_prompt_length,
-                                sentences=method == "factalign", partial_sentences=partial_sentences,
-                                pad_to_multiple_of=pad_to_multiple_of)
-    raise ValueError(f"unknown method {method!r}")
+    """The collator a method's batches need (``prefuse.alignment.methods``: paired, or unpaired with KL rows
+    and, for ``factalign``, sentence ids)."""
+    from prefuse.alignment.methods import get_method
+
+    return get_method(method).collator(tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+                                       partial_sentences=partial_sentences, pad_to_multiple_of=pad_to_multiple_of)

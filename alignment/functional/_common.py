@@ -76,6 +76,14 @@ def check_unit_interval(name: str, value: Tensor) -> None:
             raise ValueError(f"{name} must hold probabilities in [0, 1], got {float(value[bad][0])}")
 
 
+def check_finite(name: str, value: Tensor) -> None:
+    """``ValueError`` if ``value`` holds a NaN or an infinity; one host read, eager mode only."""
+    if host_reads_allowed(value.device):
+        bad = ~torch.isfinite(value)
+        if bool(bad.any()):
+            raise ValueError(f"{name} must be finite, got {float(value[bad].reshape(-1)[0])}")
+
+
 def mean_or_zero(values: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean of ``values`` (where ``mask``); 0 for an empty set instead of NaN."""
     if mask is None:

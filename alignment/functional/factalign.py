@@ -5,7 +5,7 @@ sentence ``s`` of a completion has a label (True = supported) and a log-ratio su
 
     Δ_s = Σ_{t ∈ s} (logπ - logπ_ref)(y_t),
     z_fg = max(0, mean Δ_s over the sentences of the KL rows)       (detached, count-weighted over ranks)
-    fg_loss = mean_s [ λD_fg (1 - σ(β_fg(Δ_s - z_fg))) if supported else λU_fg (1 - σ(β_fg(z_fg - Δ_s))) ]
+    fg_loss = mean_s [ λD_fg σ(β_fg(z_fg - Δ_s)) if supported else λU_fg σ(β_fg(Δ_s - z_fg)) ]
     loss = loss_weight · KTO + fg_loss_weight · fg_loss
 
 A batch without sentences has ``fg_loss = 0``; without KL sentences (and no ``fg_kl``), ``z_fg = 0``.
@@ -20,12 +20,11 @@ from prefuse.alignment.functional._common import (
     check_real,
     check_vector,
     count_distinct,
-    float_tensor,
     global_mean_clamped,
     mean_or_zero,
     segment_sum,
 )
-from prefuse.alignment.functional.kto import kto_loss, kto_terms
+from prefuse.alignment.functional.kto import checked_reference_point, kto_loss, kto_terms
 from prefuse.alignment.output import LossOutput
 from prefuse.kernels.linear_logprobs.validate import host_reads_allowed
 from torch import Tensor
@@ -149,7 +148,7 @@ def factalign_loss(
     policy_s = segment_sum(policy_logps.float(), sentence_ids, num_sentences)
     ref_s = segment_sum(ref_logps.detach().float(), sentence_ids, num_sentences)
     if fg_kl is not None:
-        z_fg = float_tensor(fg_kl, policy_logps)
+        z_fg = checked_reference_point("fg_kl", fg_kl, policy_logps)
     elif kl_per_token is not None:
         in_sentence = kl_sentence_ids >= 0
         kl_policy_total = torch.where(in_sentence, kl_per_token[0], 0.0).sum()

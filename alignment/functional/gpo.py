@@ -9,7 +9,13 @@ SPPO's square loss with the win-rate target replaced by GPM preference scores ``
 from __future__ import annotations
 
 import torch
-from prefuse.alignment.functional._common import batch_mean, check_pair, check_real, pair_metrics
+from prefuse.alignment.functional._common import (
+    batch_mean,
+    check_finite,
+    check_pair,
+    check_real,
+    pair_metrics,
+)
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
 
@@ -40,7 +46,9 @@ def gpo_loss(
     beta: float = 0.001,
     clamp: float | tuple[float, float] | None = None,
 ) -> LossOutput:
-    """GPO loss (module docstring); all inputs ``(B,)``. Returns the paired metrics."""
+    """GPO loss (module docstring); all inputs ``(B,)``. Returns the paired metrics.
+
+    Non-finite scores are a ``ValueError`` (checked in eager mode, one host read)."""
     check_real("beta", beta, low=0.0, low_open=True)
     bounds = gpo_clamp_bounds(clamp)
     check_pair(
@@ -48,6 +56,8 @@ def gpo_loss(
          "s_rejected"),
         (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, s_chosen, s_rejected),
     )  # fmt: skip
+    check_finite("s_chosen", s_chosen)
+    check_finite("s_rejected", s_rejected)
     eta = 1.0 / beta
     target_chosen = eta * s_chosen.detach().float()
     target_rejected = eta * s_rejected.detach().float()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from prefuse.alignment.functional._common import (
+    check_finite,
     check_real,
     check_vector,
     float_tensor,
@@ -34,10 +35,12 @@ def kto_terms(
 ) -> Tensor:
     """Per-item KTO losses: ``λD(1-σ(β(Δ-z)))`` where ``desirable``, else ``λU(1-σ(β(z-Δ)))``.
 
-    Shared by response-level KTO and FactAlign's sentence-level term.
+    Evaluated as ``1 - σ(x) = σ(-x)``, which keeps the tail: the written-out ``1 - σ(x)`` rounds to exactly 0
+    in float32 for ``x`` past about 16.6 (and loses digits well before). Shared by response-level KTO and
+    FactAlign's sentence-level term.
     """
-    gain = desirable_weight * (1 - torch.sigmoid(beta * (logratios - z)))
-    loss = undesirable_weight * (1 - torch.sigmoid(beta * (z - logratios)))
+    gain = desirable_weight * torch.sigmoid(beta * (z - logratios))
+    loss = undesirable_weight * torch.sigmoid(beta * (logratios - z))
     return torch.where(desirable, gain, loss)
 
 
@@ -59,13 +62,27 @@ def check_kto_options(beta: float, desirable_weight: float, undesirable_weight: 
     check_real("undesirable_weight", undesirable_weight, low=0.0)
 
 
+def checked_reference_point(name: str, value, like: Tensor) -> Tensor:
+    """A given reference point (number or 0-d tensor) as a detached float32 0-d tensor on ``like``'s device;
+    ``ValueError`` naming ``name`` when it is not a single finite value (tensors: read in eager mode only)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}"
+            )
+        check_finite(name, value)
+    else:
+        check_real(name, value)
+    return float_tensor(value, like)
+
+
 def resolve_kl(kl, policy_kl_logps: Tensor | None, ref_kl_logps: Tensor | None, like: Tensor) -> Tensor:
     """The reference point from a given ``kl`` or from the KL rows' log-prob sums (exactly one source)."""
     has_rows = policy_kl_logps is not None or ref_kl_logps is not None
     if kl is not None:
         if has_rows:
             raise ValueError("pass either kl or the KL rows (policy_kl_logps / ref_kl_logps), not both")
-        return float_tensor(kl, like)
+        return checked_reference_point("kl", kl, like)
     if policy_kl_logps is None or ref_kl_logps is None:
         raise ValueError(
             "KTO needs its reference point: pass kl, or both policy_kl_logps and ref_kl_logps "

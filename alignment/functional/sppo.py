@@ -10,13 +10,8 @@ With ``η = 1/β``, log-ratios ``Δw``, ``Δl`` (sums over completion tokens) an
 
 from __future__ import annotations
 
-from prefuse.alignment.functional._common import (
-    batch_mean,
-    check_pair,
-    check_real,
-    check_unit_interval,
-    pair_metrics,
-)
+from prefuse.alignment.functional._common import check_pair, check_unit_interval
+from prefuse.alignment.functional.gpo import gpo_loss
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
 
@@ -33,9 +28,9 @@ def sppo_loss(
 ) -> LossOutput:
     """SPPO loss (module docstring); all inputs ``(B,)``. ``p_*`` outside ``[0, 1]`` is a ``ValueError``.
 
-    Returns the paired metrics ``rewards/*`` (``βΔ``) and ``logps/*``.
+    It is ``gpo_loss`` with the scores ``s = p - ½`` (no clamp). Returns the paired metrics ``rewards/*``
+    (``βΔ``) and ``logps/*``.
     """
-    check_real("beta", beta, low=0.0, low_open=True)
     check_pair(
         ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "p_chosen",
          "p_rejected"),
@@ -43,14 +38,7 @@ def sppo_loss(
     )  # fmt: skip
     check_unit_interval("p_chosen", p_chosen)
     check_unit_interval("p_rejected", p_rejected)
-    eta = 1.0 / beta
-    chosen_logratios = policy_chosen_logps.float() - ref_chosen_logps.detach().float()
-    rejected_logratios = policy_rejected_logps.float() - ref_rejected_logps.detach().float()
-    losses = 0.5 * (
-        (chosen_logratios - eta * (p_chosen.detach().float() - 0.5)) ** 2
-        + (rejected_logratios - eta * (p_rejected.detach().float() - 0.5)) ** 2
-    )
-    metrics = pair_metrics(
-        policy_chosen_logps, policy_rejected_logps, beta * chosen_logratios, beta * rejected_logratios
-    )
-    return LossOutput(batch_mean(losses), metrics)
+    return gpo_loss(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+        p_chosen.detach().float() - 0.5, p_rejected.detach().float() - 0.5, beta=beta,
+    )  # fmt: skip

@@ -1,10 +1,16 @@
 """Shared base of the loss modules: log-probs from hidden states through ``linear_logprobs``, the reference
 (hidden states under ``no_grad`` or precomputed log-probs), and the argument checks.
 
-Conventions (DESIGN.md, "Losses"): ``labels`` follow Hugging Face (aligned with ``input_ids``, ``-100`` on prompt
+Conventions: ``labels`` follow Hugging Face (aligned with ``input_ids``, ``-100`` on prompt
 and padding) and the module shifts (``shift=True``: ``hidden[:, t]`` predicts ``labels[:, t+1]``); paired losses
 take ``2B`` rows, chosen ``[:B]`` then rejected ``[B:]``; a sequence log-prob is the sum over its completion
 tokens (labels ``!= ignore_index`` after the shift).
+
+Every loss module has one public reduction, ``loss_from_token_logps(policy_logps, ref_logps, mask, ...)``:
+the loss from per-token log-probs ``(rows, L)`` (0 where not scored; the reference also as sums ``(rows,)``)
+and the completion mask ``(rows, L)``. ``forward`` computes the log-probs with ``linear_logprobs`` and calls
+it; a trainer that scores tokens another way (full logits, TRL's head) calls it directly, so the loss glue
+lives in one place.
 """
 
 from __future__ import annotations
@@ -16,6 +22,48 @@ from prefuse.kernels.linear_logprobs.validate import validate_options
 from torch import Tensor, nn
 
 POLICY_HEAD = "policy head (hidden, weight, bias; labels are its targets)"
+
+
+def check_token_mask(mask, *, paired: bool = False, name: str = "mask") -> Tensor:
+    """The completion mask of a reduction: a 2-D bool tensor ``(rows, L)`` (an even number of rows when
+    ``paired``), else ``ValueError`` naming ``name``."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+        shape = (tuple(mask.shape), mask.dtype) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{name} must be a 2-D bool tensor (rows, L), got {shape}")
+    if paired and mask.shape[0] % 2:
+        raise ValueError(
+            f"{name} has {mask.shape[0]} rows; a paired loss takes 2B rows (chosen, then rejected)"
+        )
+    return mask
+
+
+def sequence_logps(name: str, logps, mask: Tensor) -> Tensor:
+    """Per-row sums ``(rows,)`` (float32) of per-token log-probs ``(rows, L)`` over ``mask``; sums ``(rows,)``
+    pass through. ``ValueError`` naming ``name`` for any other shape, dtype or device."""
+    if not isinstance(logps, Tensor) or not logps.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor, got {type(logps).__name__}")
+    if logps.device != mask.device:
+        raise ValueError(f"{name} is on {logps.device} but mask is on {mask.device}")
+    if logps.shape == mask.shape:
+        return torch.where(mask, logps.float(), 0.0).sum(-1)
+    if logps.shape == mask.shape[:1]:
+        return logps.float()
+    raise ValueError(
+        f"{name} must be per-token {tuple(mask.shape)} (mask's shape) or per-row sums ({mask.shape[0]},), "
+        f"got {tuple(logps.shape)}"
+    )
+
+
+def token_logps(name: str, logps, mask: Tensor) -> Tensor:
+    """Per-token log-probs ``(rows, L)`` (float32), 0 outside ``mask``; ``ValueError`` naming ``name``."""
+    if not isinstance(logps, Tensor) or not logps.dtype.is_floating_point or logps.shape != mask.shape:
+        shape = tuple(logps.shape) if isinstance(logps, Tensor) else type(logps).__name__
+        raise ValueError(
+            f"{name} must be per-token log-probs of mask's shape {tuple(mask.shape)}, got {shape}"
+        )
+    if logps.device != mask.device:
+        raise ValueError(f"{name} is on {logps.device} but mask is on {mask.device}")
+    return torch.where(mask, logps.float(), 0.0)
 
 
 class FusedLinearLoss(nn.Module):
@@ -196,9 +244,9 @@ class FusedLinearLoss(nn.Module):
 
 
 class PairedLoss(FusedLinearLoss):
-    """Base of the paired losses: per-sequence policy (and reference) sums of ``2B`` rows."""
+    """Base of the paired losses: ``2B`` rows, chosen ``[:B]`` then rejected ``[B:]``."""
 
-    def _paired_sums(
+    def _paired_logps(
         self,
         hidden,
         weight,
@@ -212,12 +260,13 @@ class PairedLoss(FusedLinearLoss):
         ref_logps=None,
         reference: bool = True,
     ):
-        """``(policy, ref, lengths, B)``: ``(2B,)`` sums (``ref`` is None when reference-free)."""
-        rows = self._check_rows(hidden, labels, paired=True)
+        """``(policy, ref, mask)``: per-token policy log-probs ``(2B, L)``, reference sums ``(2B,)`` (None
+        when reference-free) and the completion mask ``(2B, L)`` -- the arguments of ``loss_from_token_logps``."""
+        self._check_rows(hidden, labels, paired=True)
         if not isinstance(shift, bool):
             raise ValueError(f"shift must be a bool, got {shift!r}")
         mask = self._mask(labels, shift)
-        policy = self._head_logps(POLICY_HEAD, hidden, weight, labels, bias, shift).sum(-1)
+        policy = self._head_logps(POLICY_HEAD, hidden, weight, labels, bias, shift)
         ref = None
         if reference:
             ref = self._reference(
@@ -230,7 +279,23 @@ class PairedLoss(FusedLinearLoss):
                 shift=shift,
                 per_token=False,
             )
-        return policy, ref, mask.sum(-1), rows // 2
+        return policy, ref, mask
+
+    @staticmethod
+    def _pair_sums(policy_logps, ref_logps, mask, *, reference: bool = True):
+        """``(policy, ref, lengths, B)``: ``(2B,)`` sums and completion lengths of a paired reduction's inputs
+        (``ref`` None when reference-free, where ``ref_logps`` must be None)."""
+        mask = check_token_mask(mask, paired=True)
+        policy = sequence_logps("policy_logps", policy_logps, mask)
+        if not reference:
+            if ref_logps is not None:
+                raise ValueError("this loss is reference-free; got ref_logps")
+            ref = None
+        elif ref_logps is None:
+            raise ValueError("ref_logps is required: per-token (2B, L) or per-row sums (2B,)")
+        else:
+            ref = sequence_logps("ref_logps", ref_logps.detach(), mask)
+        return policy, ref, mask.sum(-1), mask.shape[0] // 2
 
 
 class ReferenceFreePairedLoss(PairedLoss):
@@ -253,7 +318,13 @@ class ReferenceFreePairedLoss(PairedLoss):
         self._reject_reference(
             ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps
         )
-        policy, _, lengths, b = self._paired_sums(hidden, weight, labels, bias, shift, reference=False)
+        policy, _, mask = self._paired_logps(hidden, weight, labels, bias, shift, reference=False)
+        return self.loss_from_token_logps(policy, None, mask)
+
+    def loss_from_token_logps(self, policy_logps: Tensor, ref_logps: None, mask: Tensor) -> LossOutput:
+        """The loss from the policy's per-token log-probs ``(2B, L)`` (or sums ``(2B,)``) and the completion
+        mask ``(2B, L)``; ``ref_logps`` must be None (reference-free)."""
+        policy, _, lengths, b = self._pair_sums(policy_logps, ref_logps, mask, reference=False)
         return self._pair_loss(policy[:b], policy[b:], lengths[:b], lengths[b:])
 
     def _pair_loss(

@@ -89,7 +89,7 @@ class DPOLoss(PairedLoss):
         """Args: ``hidden`` ``(2B, T, D)``, ``weight`` ``(V, D)``, ``labels`` ``(2B, T)`` (-100 off the
         completion), ``bias`` ``(V,)``; the reference as ``ref_hidden`` + ``ref_weight`` (+ ``ref_bias``) or
         ``ref_logps`` (sums ``(2B,)`` or per-token ``(2B, T-1)``)."""
-        policy, ref, lengths, b = self._paired_sums(
+        policy, ref, mask = self._paired_logps(
             hidden,
             weight,
             labels,
@@ -100,11 +100,26 @@ class DPOLoss(PairedLoss):
             ref_bias=ref_bias,
             ref_logps=ref_logps,
         )
-        delta = self._bco_delta(policy, ref) if self.loss_type == "bco_pair" else None
+        return self.loss_from_token_logps(policy, ref, mask)
+
+    def loss_from_token_logps(
+        self,
+        policy_logps: Tensor,
+        ref_logps: Tensor,
+        mask: Tensor,
+        *,
+        bco_delta: Tensor | float | None = None,
+    ) -> LossOutput:
+        """The loss from per-token log-probs: ``policy_logps`` ``(2B, L)`` (or sums ``(2B,)``), ``ref_logps``
+        ``(2B, L)`` or sums ``(2B,)``, the completion ``mask`` ``(2B, L)`` (its row sums are the lengths).
+        ``bco_delta`` overrides ``bco_pair``'s running mean (None: update and use it)."""
+        policy, ref, lengths, b = self._pair_sums(policy_logps, ref_logps, mask)
+        if self.loss_type == "bco_pair" and bco_delta is None:
+            bco_delta = self._bco_delta(policy, ref)
         return dpo_loss(
             policy[:b], policy[b:], ref[:b], ref[b:], beta=self.beta, loss_type=self.loss_type,
             label_smoothing=self.label_smoothing, nll_weight=self.nll_weight, chosen_lengths=lengths[:b],
-            rejected_lengths=lengths[b:], discopop_tau=self.discopop_tau, bco_delta=delta,
+            rejected_lengths=lengths[b:], discopop_tau=self.discopop_tau, bco_delta=bco_delta,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefuse.alignment.functional._common import check_real
 from prefuse.alignment.functional.factalign import factalign_loss
+from prefuse.alignment.losses.base import check_token_mask, token_logps
 from prefuse.alignment.losses.kto import KTOLoss
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
@@ -107,7 +108,7 @@ class FactAlignLoss(KTOLoss):
             or kl_sentence_ids.shape != kl_labels.shape
         ):
             raise ValueError("kl_sentence_ids must have kl_labels' shape (and needs the KL rows)")
-        policy, ref, policy_kl, ref_kl = self._rows_and_kl(
+        inputs = self._rows_and_kl(
             hidden, weight, labels, desirable, kl_hidden=kl_hidden, kl_labels=kl_labels, kl=kl, bias=bias,
             ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
             ref_kl_hidden=ref_kl_hidden, ref_kl_logps=ref_kl_logps, shift=shift, per_token=True,
@@ -117,13 +118,48 @@ class FactAlignLoss(KTOLoss):
         def aligned(ids: Tensor | None) -> Tensor | None:
             return None if ids is None else (ids[:, 1:] if shift else ids)
 
+        return self.loss_from_token_logps(
+            **inputs, sentence_ids=aligned(sentence_ids), sentence_labels=sentence_labels,
+            kl_sentence_ids=aligned(kl_sentence_ids), kl=kl, fg_kl=fg_kl,
+        )  # fmt: skip
+
+    def loss_from_token_logps(  # type: ignore[override]
+        self,
+        policy_logps: Tensor,
+        ref_logps: Tensor,
+        mask: Tensor,
+        desirable: Tensor,
+        *,
+        sentence_ids: Tensor,
+        sentence_labels: Tensor,
+        policy_kl_logps: Tensor | None = None,
+        ref_kl_logps: Tensor | None = None,
+        kl_mask: Tensor | None = None,
+        kl_sentence_ids: Tensor | None = None,
+        kl: Tensor | float | None = None,
+        fg_kl: Tensor | float | None = None,
+    ) -> LossOutput:
+        """The loss from per-token log-probs (``KTOLoss.loss_from_token_logps``'s arguments, the reference
+        per-token here) and ``sentence_ids`` ``(rows, L)`` aligned with the per-token log-probs (already
+        shifted), ``sentence_labels`` ``(S,)``; the KL rows per-token when ``kl_sentence_ids`` (aligned with
+        them) is given, else per-token or sums."""
+        mask = check_token_mask(mask)
+        ref = ref_logps.detach() if isinstance(ref_logps, Tensor) else ref_logps
+        if kl_sentence_ids is None:
+            policy_kl, ref_kl = self._kl_sums(policy_kl_logps, ref_kl_logps, kl_mask)
+        else:
+            if kl_mask is None:
+                raise ValueError("kl_sentence_ids needs the KL rows' kl_mask")
+            kl_mask = check_token_mask(kl_mask, name="kl_mask")
+            policy_kl = token_logps("policy_kl_logps", policy_kl_logps, kl_mask)
+            ref_kl = token_logps("ref_kl_logps", ref_kl_logps, kl_mask)
         return factalign_loss(
-            policy, ref, desirable, aligned(sentence_ids), sentence_labels, policy_kl_logps=policy_kl,
-            ref_kl_logps=ref_kl, kl_sentence_ids=aligned(kl_sentence_ids), kl=kl, fg_kl=fg_kl, beta=self.beta,
-            fg_beta=self.fg_beta, desirable_weight=self.desirable_weight,
-            undesirable_weight=self.undesirable_weight, fg_desirable_weight=self.fg_desirable_weight,
-            fg_undesirable_weight=self.fg_undesirable_weight, loss_weight=self.loss_weight,
-            fg_loss_weight=self.fg_loss_weight,
+            token_logps("policy_logps", policy_logps, mask), token_logps("ref_logps", ref, mask), desirable,
+            sentence_ids, sentence_labels, policy_kl_logps=policy_kl, ref_kl_logps=ref_kl,
+            kl_sentence_ids=kl_sentence_ids, kl=kl, fg_kl=fg_kl, beta=self.beta, fg_beta=self.fg_beta,
+            desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,
+            fg_desirable_weight=self.fg_desirable_weight, fg_undesirable_weight=self.fg_undesirable_weight,
+            loss_weight=self.loss_weight, fg_loss_weight=self.fg_loss_weight,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -44,7 +44,7 @@ class GPOLoss(PairedLoss):
         shift: bool = True,
     ) -> LossOutput:
         """``DPOLoss.forward``'s arguments plus ``s_chosen``, ``s_rejected``: ``(B,)`` preference scores."""
-        policy, ref, _, b = self._paired_sums(
+        policy, ref, mask = self._paired_logps(
             hidden,
             weight,
             labels,
@@ -55,6 +55,13 @@ class GPOLoss(PairedLoss):
             ref_bias=ref_bias,
             ref_logps=ref_logps,
         )
+        return self.loss_from_token_logps(policy, ref, mask, s_chosen=s_chosen, s_rejected=s_rejected)
+
+    def loss_from_token_logps(
+        self, policy_logps: Tensor, ref_logps: Tensor, mask: Tensor, *, s_chosen: Tensor, s_rejected: Tensor
+    ) -> LossOutput:
+        """The loss from per-token log-probs (as ``DPOLoss.loss_from_token_logps``) and the ``(B,)`` scores."""
+        policy, ref, _, b = self._pair_sums(policy_logps, ref_logps, mask)
         return gpo_loss(
             policy[:b], policy[b:], ref[:b], ref[b:], s_chosen, s_rejected, beta=self.beta, clamp=self.clamp
         )

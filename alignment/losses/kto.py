@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from prefuse.alignment.functional._common import check_vector
 from prefuse.alignment.functional.kto import check_kto_options, kto_loss
-from prefuse.alignment.losses.base import POLICY_HEAD, FusedLinearLoss
+from prefuse.alignment.losses.base import POLICY_HEAD, FusedLinearLoss, check_token_mask, sequence_logps
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
 
@@ -14,7 +14,7 @@ class KTOLoss(FusedLinearLoss):
     """KTO (see ``prefuse.alignment.functional.kto``): with ``Δ = logπ - logπ_ref`` per row,
 
         z = max(0, mean Δ over the KL rows)   (detached; count-weighted over all ranks)
-        loss = (Σ_desirable λD(1 - σ(β(Δ - z))) + Σ_undesirable λU(1 - σ(β(z - Δ)))) / rows
+        loss = (Σ_desirable λD σ(β(z - Δ)) + Σ_undesirable λU σ(β(Δ - z))) / rows
 
     The KL rows (mismatched prompt/completion pairs) are scored without grad; ``kl=`` gives ``z`` instead.
 
@@ -53,12 +53,10 @@ class KTOLoss(FusedLinearLoss):
         shift,
         per_token: bool,
         kl_per_token: bool,
-    ):
-        """Policy and reference log-probs of the rows and of the KL rows (or ``None`` when ``kl`` is given).
-
-        Returns ``(policy, ref, policy_kl, ref_kl)``: per-token ``(rows, L)`` when ``per_token`` else sums;
-        the KL ones per-token when ``kl_per_token``.
-        """
+    ) -> dict:
+        """The keyword arguments of ``loss_from_token_logps`` for the rows and the KL rows (none when ``kl``
+        is given): per-token policy log-probs, the reference per-token when ``per_token`` (else sums), the KL
+        rows' reference per-token when ``kl_per_token`` (else sums), and the masks."""
         rows = self._check_rows(hidden, labels)
         if not isinstance(shift, bool):
             raise ValueError(f"shift must be a bool, got {shift!r}")
@@ -75,8 +73,7 @@ class KTOLoss(FusedLinearLoss):
             shift=shift,
             per_token=per_token,
         )
-        if not per_token:
-            policy = policy.sum(-1)
+        out = {"policy_logps": policy, "ref_logps": ref, "mask": mask, "desirable": desirable}
         if kl is not None:
             given = [
                 n
@@ -90,7 +87,7 @@ class KTOLoss(FusedLinearLoss):
             ]
             if given:
                 raise ValueError(f"pass either kl or the KL rows, not both (got kl and {', '.join(given)})")
-            return policy, ref, None, None
+            return out
         if kl_hidden is None or kl_labels is None:
             raise ValueError(
                 f"{type(self).__name__} needs its reference point: pass kl_hidden and kl_labels (the mismatched "
@@ -116,9 +113,8 @@ class KTOLoss(FusedLinearLoss):
             logps_name="ref_kl_logps",
             what="the reference's log-probs of the KL rows",
         )
-        if not kl_per_token:
-            policy_kl = policy_kl.sum(-1)
-        return policy, ref, policy_kl, ref_kl
+        out.update(policy_kl_logps=policy_kl, ref_kl_logps=ref_kl, kl_mask=kl_mask)
+        return out
 
     def forward(
         self,
@@ -145,15 +141,49 @@ class KTOLoss(FusedLinearLoss):
 
         Returns ``LossOutput`` with KTO's metrics (``kl``, ``count/*``, ``rewards/*_sum``, ...).
         """
-        policy, ref, policy_kl, ref_kl = self._rows_and_kl(
+        inputs = self._rows_and_kl(
             hidden, weight, labels, desirable, kl_hidden=kl_hidden, kl_labels=kl_labels, kl=kl, bias=bias,
             ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
             ref_kl_hidden=ref_kl_hidden, ref_kl_logps=ref_kl_logps, shift=shift, per_token=False,
             kl_per_token=False,
         )  # fmt: skip
+        return self.loss_from_token_logps(**inputs, kl=kl)
+
+    def _kl_sums(self, policy_kl_logps, ref_kl_logps, kl_mask) -> tuple:
+        """The KL rows' ``(policy, reference)`` sums, or ``(None, None)`` when none are given."""
+        if policy_kl_logps is None and ref_kl_logps is None:
+            return None, None
+        if policy_kl_logps is None or ref_kl_logps is None or kl_mask is None:
+            raise ValueError("the KL rows need policy_kl_logps, ref_kl_logps and kl_mask together")
+        kl_mask = check_token_mask(kl_mask, name="kl_mask")
+        return (
+            sequence_logps("policy_kl_logps", policy_kl_logps.detach(), kl_mask),
+            sequence_logps("ref_kl_logps", ref_kl_logps.detach(), kl_mask),
+        )
+
+    def loss_from_token_logps(
+        self,
+        policy_logps: Tensor,
+        ref_logps: Tensor,
+        mask: Tensor,
+        desirable: Tensor,
+        *,
+        policy_kl_logps: Tensor | None = None,
+        ref_kl_logps: Tensor | None = None,
+        kl_mask: Tensor | None = None,
+        kl: Tensor | float | None = None,
+    ) -> LossOutput:
+        """The loss from per-token log-probs: ``policy_logps`` ``(rows, L)`` (or sums), ``ref_logps``
+        ``(rows, L)`` or sums ``(rows,)``, the completion ``mask`` ``(rows, L)``, ``desirable`` ``(rows,)``
+        bool; the KL rows as ``policy_kl_logps`` / ``ref_kl_logps`` (per-token or sums) with their ``kl_mask``
+        ``(rows_kl, L_kl)``, or ``kl``."""
+        mask = check_token_mask(mask)
+        policy_kl, ref_kl = self._kl_sums(policy_kl_logps, ref_kl_logps, kl_mask)
         return kto_loss(
-            policy,
-            ref,
+            sequence_logps("policy_logps", policy_logps, mask),
+            sequence_logps(
+                "ref_logps", ref_logps.detach() if isinstance(ref_logps, Tensor) else ref_logps, mask
+            ),
             desirable,
             policy_kl_logps=policy_kl,
             ref_kl_logps=ref_kl,

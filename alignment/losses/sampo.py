@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from prefuse.alignment.functional._common import check_real
 from prefuse.alignment.functional.sampo import rank_seed, sampo_loss, sampo_sample_masks
-from prefuse.alignment.losses.base import POLICY_HEAD, PairedLoss
+from prefuse.alignment.losses.base import POLICY_HEAD, PairedLoss, check_token_mask, token_logps
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
 
@@ -101,7 +101,9 @@ class SamPOLoss(PairedLoss):
             self.seed.set_state(state["state"])
             return
         if self.seed is None:
-            raise ValueError("this SamPOLoss draws from the global RNG (seed=None): it has no generator state")
+            raise ValueError(
+                "this SamPOLoss draws from the global RNG (seed=None): it has no generator state"
+            )
         if state["seed"] != rank_seed(int(self.seed), self.rank()):
             raise ValueError(
                 f"the saved sampling stream was seeded with {state['seed']}, this loss (seed={self.seed}, rank "
@@ -131,11 +133,7 @@ class SamPOLoss(PairedLoss):
             raise ValueError(f"shift must be a bool, got {shift!r}")
         b = rows // 2
         mask = self._mask(labels, shift)
-        gen = self.generator(hidden.device)
-        kept = sampo_sample_masks(mask[:b], mask[b:], generator=gen)
-        ref_kept = (
-            sampo_sample_masks(mask[:b], mask[b:], generator=gen) if self.independent_ref_sample else kept
-        )
+        kept, ref_kept = self.sample(mask)
         policy_keep = torch.cat([mask[:b] if self.nll_weight > 0 else kept[0], kept[1]])
         ref_keep = torch.cat(ref_kept)
         targets = self._masked_targets(labels, policy_keep, shift)
@@ -150,9 +148,43 @@ class SamPOLoss(PairedLoss):
             shift=shift,
             per_token=True,
         )
+        return self.loss_from_token_logps(policy, ref, mask, sampled_masks=kept, ref_sampled_masks=ref_kept)
+
+    def sample(self, mask: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """``(kept, ref_kept)``: the next draw of kept ``(chosen, rejected)`` masks for the completion mask
+        ``(2B, L)``, and the reference's (the same ones unless ``independent_ref_sample``)."""
+        b = mask.shape[0] // 2
+        gen = self.generator(mask.device)
+        kept = sampo_sample_masks(mask[:b], mask[b:], generator=gen)
+        ref_kept = (
+            sampo_sample_masks(mask[:b], mask[b:], generator=gen) if self.independent_ref_sample else kept
+        )
+        return kept, ref_kept
+
+    def loss_from_token_logps(
+        self,
+        policy_logps: Tensor,
+        ref_logps: Tensor,
+        mask: Tensor,
+        *,
+        sampled_masks: tuple[Tensor, Tensor] | None = None,
+        ref_sampled_masks: tuple[Tensor, Tensor] | None = None,
+    ) -> LossOutput:
+        """The loss from per-token log-probs ``(2B, L)`` of the policy and the reference (sums cannot be
+        down-sampled) and the completion ``mask`` ``(2B, L)``. ``sampled_masks`` / ``ref_sampled_masks``: the
+        kept ``(chosen, rejected)`` masks (``sample``); None draws them here."""
+        mask = check_token_mask(mask, paired=True)
+        b = mask.shape[0] // 2
+        if sampled_masks is None:
+            sampled_masks, drawn_ref = self.sample(mask)
+            ref_sampled_masks = drawn_ref if ref_sampled_masks is None else ref_sampled_masks
+        policy = token_logps("policy_logps", policy_logps, mask)
+        ref = token_logps(
+            "ref_logps", ref_logps.detach() if isinstance(ref_logps, Tensor) else ref_logps, mask
+        )
         return sampo_loss(
             policy[:b], policy[b:], ref[:b], ref[b:], mask[:b], mask[b:], beta=self.beta,
-            nll_weight=self.nll_weight, sampled_masks=kept, ref_sampled_masks=ref_kept,
+            nll_weight=self.nll_weight, sampled_masks=sampled_masks, ref_sampled_masks=ref_sampled_masks,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

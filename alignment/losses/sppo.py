@@ -1,18 +1,19 @@
-"""``SPPOLoss``: self-play preference optimisation with soft win rates."""
+"""``SPPOLoss``: self-play preference optimisation with soft win rates -- GPO with the target ``p - ½``."""
 
 from __future__ import annotations
 
-from prefuse.alignment.functional._common import check_real
 from prefuse.alignment.functional.sppo import sppo_loss
-from prefuse.alignment.losses.base import PairedLoss
+from prefuse.alignment.losses.gpo import GPOLoss
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
 
 
-class SPPOLoss(PairedLoss):
+class SPPOLoss(GPOLoss):
     """SPPO (see ``prefuse.alignment.functional.sppo``), ``η = 1/β``::
 
         loss = mean_b ½[(Δw - η(pw - ½))² + (Δl - η(pl - ½))²]
+
+    i.e. ``GPOLoss`` (unclamped) with the scores ``s = p - ½``.
 
     Args:
         beta: β (the released SPPO models use η = 1000, i.e. β = 0.001).
@@ -20,8 +21,7 @@ class SPPOLoss(PairedLoss):
     """
 
     def __init__(self, beta: float = 0.001, **options) -> None:
-        super().__init__(**options)
-        self.beta = check_real("beta", beta, low=0.0, low_open=True)
+        super().__init__(beta, clamp=None, **options)
 
     def forward(
         self,
@@ -40,7 +40,7 @@ class SPPOLoss(PairedLoss):
     ) -> LossOutput:
         """``DPOLoss.forward``'s arguments plus ``p_chosen``, ``p_rejected``: ``(B,)`` estimated win rates
         of the chosen / rejected completions against the current policy, in ``[0, 1]``."""
-        policy, ref, _, b = self._paired_sums(
+        policy, ref, mask = self._paired_logps(
             hidden,
             weight,
             labels,
@@ -51,7 +51,15 @@ class SPPOLoss(PairedLoss):
             ref_bias=ref_bias,
             ref_logps=ref_logps,
         )
+        return self.loss_from_token_logps(policy, ref, mask, p_chosen=p_chosen, p_rejected=p_rejected)
+
+    def loss_from_token_logps(  # type: ignore[override]
+        self, policy_logps: Tensor, ref_logps: Tensor, mask: Tensor, *, p_chosen: Tensor, p_rejected: Tensor
+    ) -> LossOutput:
+        """The loss from per-token log-probs (as ``DPOLoss.loss_from_token_logps``) and the ``(B,)`` win
+        rates."""
+        policy, ref, _, b = self._pair_sums(policy_logps, ref_logps, mask)
         return sppo_loss(policy[:b], policy[b:], ref[:b], ref[b:], p_chosen, p_rejected, beta=self.beta)
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, " + super().extra_repr()
+        return f"beta={self.beta}, " + super(GPOLoss, self).extra_repr()
