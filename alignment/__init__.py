@@ -19,6 +19,7 @@ from prefuse.alignment.losses import (
     SPPOLoss,
 )
 from prefuse.alignment.output import LossOutput
+from prefuse.alignment.packing import packed_targets, unpack_token_logps
 
 # Trainer integration pulls in transformers (and TRL for the drop-ins): imported on first use, so the losses stay light.
 _LAZY = {
@@ -59,4 +60,6 @@ __all__ = [
     "SamPOLoss",
     "SimPOLoss",
     "functional",
+    "packed_targets",
+    "unpack_token_logps",
 ]

@@ -33,10 +33,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
+from prefuse.alignment.data.packing import PackedCollator, TokenBudgetBatchSampler, example_tokens
 from prefuse.alignment.methods import METHODS, get_method
 from prefuse.alignment.model_head import adapter_disabled, forward_hidden, head_options, is_peft_model
 from prefuse.alignment.output import LossOutput
+from prefuse.alignment.packing import packed_targets
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 
 HEADS = ("fused", "naive")
@@ -79,12 +82,22 @@ class PreferenceConfig(TrainingArguments):
     head: str = field(default="fused", metadata={"help": "fused (prefuse) | naive (full logits)"})
     loss_backend: str = field(default="auto", metadata={"help": "linear_logprobs backend: auto | triton | torch"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep the collators' columns"})
+    padding_free: bool = field(
+        default=False, metadata={"help": "pack each batch's sequences into one row (no padding; position_ids)"}
+    )
+    max_tokens_per_batch: int | None = field(
+        default=None, metadata={"help": "padding_free: training batches of at most this many tokens, not rows"}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         spec = get_method(self.method)
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.max_tokens_per_batch is not None and not self.padding_free:
+            raise ValueError("max_tokens_per_batch sizes packed batches: it needs padding_free=True")
+        if self.padding_free and self.head != "fused":
+            raise ValueError("padding_free=True needs head='fused' (the naive head scores padded rows only)")
         if self.precompute_ref_log_probs and spec.reference is None:
             raise ValueError(f"precompute_ref_log_probs=True, but method {self.method!r} uses no reference")
         for name, value in spec.defaults.items():
@@ -128,6 +141,13 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _packing(inputs: dict, prefix: str) -> dict:
+    """``{"position_ids", "sequence_ids"}`` of a packed row group (``prefix`` "" or "kl_"), else ``{}``."""
+    if inputs.get(f"{prefix}sequence_ids") is None:
+        return {}
+    return {"position_ids": inputs[f"{prefix}position_ids"], "sequence_ids": inputs[f"{prefix}sequence_ids"]}
 
 
 # ---------------------------------------------------------------------------------------------- naive head
@@ -371,8 +391,23 @@ class PreferenceTrainer(Trainer):
                 self.eval_dataset = self._precompute(source, self.eval_dataset)
         elif ref_model is not None:
             self.ref_model = freeze(ref_model).to(self.args.device)
+        if args.padding_free:  # after precomputing, which runs the collator's padded rows
+            self.data_collator = PackedCollator(self.data_collator)
 
     # ------------------------------------------------------------------------------------------ data
+    def get_train_dataloader(self):
+        """The base class's loader, or with ``max_tokens_per_batch`` batches sized by their token count
+        (``TokenBudgetBatchSampler``, reshuffled every epoch from the config's seed)."""
+        if self.args.max_tokens_per_batch is None:
+            return super().get_train_dataloader()
+        dataset = self.train_dataset
+        lengths = [example_tokens(dataset[i]) for i in range(len(dataset))]
+        sampler = TokenBudgetBatchSampler(lengths, self.args.max_tokens_per_batch, seed=self.args.seed)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers,
+                            pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
+
     def _prepare_dataset(self, dataset, processing_class, args):
         from prefuse.alignment.data import tokenize_preference_data
         from prefuse.alignment.data.processing import unpair
@@ -417,29 +452,37 @@ class PreferenceTrainer(Trainer):
     # ------------------------------------------------------------------------------------------ loss
     def _policy_and_reference(self, model: nn.Module, inputs: dict, prefix: str = "") -> tuple:
         """``(policy CausalLMHead, reference kwargs for the loss)`` for the rows ``{prefix}input_ids``."""
-        ids, mask = inputs[f"{prefix}input_ids"], inputs[f"{prefix}attention_mask"]
+        ids, mask = inputs[f"{prefix}input_ids"], inputs.get(f"{prefix}attention_mask")
+        packing = _packing(inputs, prefix)
+        body = {"position_ids": packing["position_ids"]} if packing else {}
         grad = prefix == "" and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad):  # KL rows: z is detached, no backward through them
-            policy = forward_hidden(model, ids, mask)
+            policy = forward_hidden(model, ids, mask, **body)
         if self.spec.reference is None:
             return policy, {}
         ref_name = "ref_logps" if prefix == "" else "ref_kl_logps"
         if ref_name in inputs:
             return policy, {ref_name: inputs[ref_name]}
-        return policy, {ref_name: self._reference_logps(model, ids, mask, inputs[f"{prefix}labels"])}
+        return policy, {ref_name: self._reference_logps(model, ids, mask, inputs[f"{prefix}labels"], packing)}
 
-    def _reference_logps(self, model, ids, mask, labels) -> Tensor:
-        """Per-token reference log-probs ``(rows, T-1)``, computed in the reference head's own forward (so a
-        sharded reference head is gathered for it) and handed to the loss as ``ref_logps``."""
+    def _reference_logps(self, model, ids, mask, labels, packing: dict) -> Tensor:
+        """Per-token reference log-probs ``(rows, T-1)`` (a packed row: ``(1, N)`` in the packed layout),
+        computed in the reference head's own forward (so a sharded reference head is gathered for it) and
+        handed to the loss as ``ref_logps``."""
         if self.ref_source == "precomputed":
             raise ValueError("precompute_ref_log_probs=True but the batch has no precomputed reference log-probs")
+        ignore = self.loss_module.ignore_index
+        body = {"position_ids": packing["position_ids"]} if packing else {}
         with torch.no_grad():
             if self.ref_model is not None:
-                ref = forward_hidden(self.ref_model, ids, mask)
+                ref = forward_hidden(self.ref_model, ids, mask, **body)
             else:
                 with adapter_disabled(model):
-                    ref = forward_hidden(model, ids, mask)
-            return ref.logprobs(labels, ignore_index=self.loss_module.ignore_index, backend=self.args.loss_backend)
+                    ref = forward_hidden(model, ids, mask, **body)
+            if packing:
+                targets = packed_targets(labels, packing["sequence_ids"], ignore_index=ignore)
+                return ref.logprobs(targets, shift=False, ignore_index=ignore, backend=self.args.loss_backend)
+            return ref.logprobs(labels, ignore_index=ignore, backend=self.args.loss_backend)
 
     def _batch_kwargs(self, inputs: dict, *, shifted: bool) -> dict:
         """The method's batch tensors for the loss (``token_keys`` shifted like the log-probs when ``shifted``)."""
@@ -456,10 +499,14 @@ class PreferenceTrainer(Trainer):
             return self._naive_loss(model, inputs)
         policy, ref = self._policy_and_reference(model, inputs)
         kwargs = {**ref, **self._batch_kwargs(inputs, shifted=False)}
+        if "sequence_ids" in inputs:
+            kwargs["sequence_ids"] = inputs["sequence_ids"]
         if self.spec.kl_rows:
             # the KL rows go through the same head (the policy's weight) within the same call
             kl_policy, kl_ref = self._policy_and_reference(model, inputs, prefix="kl_")
             kwargs.update(kl_hidden=kl_policy.hidden, kl_labels=inputs["kl_labels"], **kl_ref)
+            if "kl_sequence_ids" in inputs:
+                kwargs["kl_sequence_ids"] = inputs["kl_sequence_ids"]
         # the loss runs inside the policy head's forward (CausalLMHead.apply): a sharded head is gathered for it
         return policy.apply(self.loss_module, inputs["labels"], **kwargs)
 
