@@ -33,6 +33,8 @@ _LAZY = {
     "run_iterations": "prefuse.alignment.iterative",
     "PrefuseDPOTrainer": "prefuse.alignment.trl",
     "PrefuseKTOTrainer": "prefuse.alignment.trl",
+    "patch_trl": "prefuse.alignment.trl",
+    "unpatch_trl": "prefuse.alignment.trl",
 }
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import warnings
 from collections import defaultdict
@@ -228,6 +229,74 @@ def precompute_ref_logps(ref_model: nn.Module, dataset, collator, *, batch_size:
     return dataset
 
 
+CLASS_MEANS = {
+    "rewards/chosen": ("rewards/chosen_sum", "count/chosen"),
+    "rewards/rejected": ("rewards/rejected_sum", "count/rejected"),
+    "logps/chosen": ("logps/chosen_sum", "count/chosen"),
+    "logps/rejected": ("logps/rejected_sum", "count/rejected"),
+}
+"""KTO's and FactAlign's per-class means and the per-step (sum, count) they are logged from."""
+
+
+def window_metrics(stored: dict[str, list[Tensor]], accelerator=None) -> dict[str, float]:
+    """The logged value of each metric over a logging window of per-step values (one host read).
+
+    Every metric is its mean over the window's steps (and processes). The per-class means of KTO and FactAlign
+    (``CLASS_MEANS``) are logged as TRL 1.16's ``KTOTrainer`` logs them: per step ``Σ sum / Σ count`` over the
+    processes, steps without an example of the class left out (not counted as 0), then the mean over the window;
+    ``rewards/margins`` over the steps that have both classes. A class absent from the whole window is not logged.
+    """
+    keys = sorted(stored)
+    steps = [torch.stack(stored[k]) for k in keys]
+    if accelerator is not None and accelerator.num_processes > 1:
+        steps = [accelerator.reduce(v, reduction="mean") for v in steps]  # a ratio of two means is Σ / Σ
+    per_step = dict(zip(keys, steps))
+    logged = dict(zip(keys, torch.stack([v.mean() for v in steps]).tolist()))
+    classes = {name: pair for name, pair in CLASS_MEANS.items() if set(pair) <= per_step.keys()}
+    if not classes:
+        return logged
+    means = {}
+    for name, (total, count) in classes.items():
+        present = per_step[count] > 0
+        means[name] = torch.where(present, per_step[total] / per_step[count].clamp(min=1), torch.nan)
+    if "rewards/chosen" in means and "rewards/rejected" in means:
+        means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
+    for name, value in zip(means, torch.stack(list(means.values())).nanmean(-1).tolist()):
+        logged.pop(name, None)
+        if not math.isnan(value):  # NaN: no step of the window had the class
+            logged[name] = value
+    return logged
+
+
+def trl_differences(config: PreferenceConfig, tokenizer=None, dataset=None) -> list[str]:
+    """Where this trainer, with these settings, deliberately computes something else than TRL 1.16 would."""
+    notes = []
+    if config.method == "dpo" and config.loss_type == "sigmoid" and config.label_smoothing > 0:
+        notes.append("loss_type='sigmoid' with label_smoothing > 0 is conservative DPO (cDPO); TRL 1.16's sigmoid "
+                     "loss ignores label_smoothing")
+    if config.method == "dpo" and config.loss_type == "bco_pair":
+        notes.append("bco_pair shifts the rewards by their running mean (BCO's δ); TRL 1.16's bco_pair uses δ = 0")
+    columns = getattr(dataset, "column_names", None) or ()
+    if (getattr(tokenizer, "chat_template", None) is not None and "prompt" in columns and "prompt_input_ids"
+            not in columns and len(dataset) > 0 and isinstance(dataset[0]["prompt"], str)):
+        notes.append("plain-text prompts are rendered with the tokenizer's chat template; TRL applies it to "
+                     "conversational data only")
+    return notes
+
+
+_NOTED: set[str] = set()
+
+
+def _note_trl_differences(notes: list[str]) -> None:
+    """Say once per process which deliberate differences from TRL 1.16 these settings meet."""
+    message = "PreferenceTrainer differs from TRL 1.16 on purpose here: " + "; ".join(notes)
+    if notes and message not in _NOTED:
+        _NOTED.add(message)
+        from transformers.utils import logging
+
+        logging.get_logger(__name__).warning(message)
+
+
 class PreferenceTrainer(Trainer):
     """``transformers.Trainer`` for prefuse's preference losses (module docstring).
 
@@ -277,6 +346,7 @@ class PreferenceTrainer(Trainer):
         self.head_options = options
         self.loss_module = loss if loss is not None else build_loss(args, **options)
         self.vocab_size = model.get_input_embeddings().num_embeddings  # token ids of tokenised data must fit
+        _note_trl_differences(trl_differences(args, processing_class, train_dataset))
 
         if train_dataset is not None:
             train_dataset = self._prepare_dataset(train_dataset, processing_class, args)
@@ -496,13 +566,9 @@ class PreferenceTrainer(Trainer):
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         stored = self._metrics[mode]
         if stored:
-            keys = sorted(stored)
-            means = torch.stack([torch.stack(stored[k]).mean() for k in keys])
-            if self.accelerator.num_processes > 1:
-                means = self.accelerator.reduce(means, reduction="mean")
             prefix = "eval_" if mode == "eval" else ""
-            logs.update({prefix + k: v for k, v in zip(keys, means.tolist())})  # in place: evaluate() returns it
-            stored.clear()
+            logs.update({prefix + k: v for k, v in window_metrics(stored, self.accelerator).items()})
+            stored.clear()  # logs is updated in place: evaluate() returns it
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------------------ checkpoints

@@ -9,6 +9,7 @@ from benchmarks.plan import CONTENDERS
 
 STYLE = {
     "naive": ("tab:gray", "o"),
+    "trl": ("tab:purple", "v"),
     "liger": ("tab:orange", "s"),
     "liger-compiled": ("tab:red", "D"),
     "cce": ("tab:green", "^"),
