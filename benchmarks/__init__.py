@@ -19,6 +19,6 @@ Modules, in the order data flows through them:
 - ``runner``: runs a plan (a fresh subprocess per measurement on CPU), computes the errors;
 - ``report``, ``plots``, ``environment``: JSON, Markdown table and PNG plots under ``results/<device>/``.
 
-``floor.py``, ``tune.py`` and ``gpu_session.sh`` are the GPU session's kernel tools (matmul floor, launch-config
-tuning), run on their own.
+``aot.py`` (the sm_90 compile gate), ``floor.py`` (the predicted roofline, the measured ceilings) and
+``gpu_session.sh`` (everything above on a CUDA machine) run on their own.
 """

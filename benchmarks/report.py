@@ -15,6 +15,7 @@ import math
 from collections import OrderedDict
 from pathlib import Path
 
+from benchmarks.floor import roofline_markdown
 from benchmarks.plan import CONTENDERS, Preset
 
 WORKLOAD_TITLES = {
@@ -206,6 +207,9 @@ def markdown(meta: dict, results: list[dict], plots: dict[tuple, str]) -> str:
         "",
         *summary_table(secs),
         "",
+        "## Predicted GPU times (roofline predictions, not measurements)",
+        "",
+        roofline_markdown(),
     ]
     for key, section in secs.items():
         workload, head, variant = key

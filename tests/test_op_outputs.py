@@ -1,7 +1,6 @@
 """``linear_logprobs(..., outputs=...)``: TRL's per-token outputs against a float64 full-logits reference, the
 ``logit_scale`` option, and the op-level faults (transforms, autocast, option checks)."""
 
-import inspect
 import math
 
 import pytest
@@ -12,12 +11,6 @@ from prefuse.kernels.linear_logprobs import naive_linear_logprobs, naive_token_o
 from reference import grad_tol, rel_err
 
 ALL = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-
-
-def _triton_takes_v2():
-    from prefuse.kernels.linear_logprobs import triton_fwd
-
-    return "logit_scale" in inspect.signature(triton_fwd.forward).parameters
 
 
 IMPLS = [
@@ -35,11 +28,6 @@ OPTIONS = {
     "bias-logit-scale": {"bias": True, "logit_scale": 0.37},
     "everything": {"shift": True, "bias": True, "softcap": 2.5, "temperature": 1.3, "logit_scale": 1.7},
 }
-
-
-def skip_unless_supported(backend):
-    if backend == "triton" and not _triton_takes_v2():
-        pytest.skip("this checkout's triton_fwd.forward takes no logit_scale / with_stats keywords yet")
 
 
 def make_inputs(
@@ -111,7 +99,6 @@ def ignored_mask(targets, shift=False):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", OPTIONS)
 def test_token_outputs_match_float64_reference(impl, dtype, name):
-    skip_unless_supported(impl[0])
     opts = dict(OPTIONS[name])
     with_bias = opts.pop("bias", False)
     hidden, weight, targets, bias = make_inputs(dtype=dtype, device=impl[1], bias=with_bias)
@@ -128,7 +115,6 @@ def test_token_outputs_match_float64_reference(impl, dtype, name):
     ids=["single-token", "3d-odd", "vocab-1", "vocab-1000"],
 )
 def test_token_outputs_odd_shapes(impl, shape, dim, vocab):
-    skip_unless_supported(impl[0])
     hidden, weight, targets, bias = make_inputs(shape=shape, dim=dim, vocab=vocab, device=impl[1], bias=True)
     targets[..., -1] = 0
     out, grads, ref, ref_grads = run_both(impl[0], hidden, weight, targets, bias)
@@ -139,7 +125,6 @@ def test_token_outputs_odd_shapes(impl, shape, dim, vocab):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_token_outputs_huge_logits(impl):
     """Logits ~1e4: every statistic stays finite and accurate (online max and rescaled sums)."""
-    skip_unless_supported(impl[0])
     hidden, weight, targets, bias = make_inputs(scale=2e3, device=impl[1], bias=True)
     out, grads, ref, ref_grads = run_both(impl[0], hidden, weight, targets, bias)
     for name in ("logp", "log_sum_sq_probs", "mean_logits"):
@@ -154,7 +139,6 @@ def test_token_outputs_huge_logits(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_token_outputs_all_ignored(impl):
-    skip_unless_supported(impl[0])
     hidden, weight, targets, _ = make_inputs(device=impl[1])
     targets.fill_(-100)
     hidden.requires_grad_()
@@ -168,7 +152,6 @@ def test_token_outputs_all_ignored(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_entropy_gradient_with_frozen_head(impl):
     """Only the entropy flows back (no log-prob gradient), into hidden alone: the frozen head gets nothing."""
-    skip_unless_supported(impl[0])
     hidden, weight, targets, bias = make_inputs(device=impl[1], bias=True)
     h = hidden.clone().requires_grad_()
     out = linear_logprobs(h, weight, targets, bias, outputs=("entropy",), softcap=4.0, backend=impl[0])
@@ -184,7 +167,6 @@ def test_entropy_gradient_with_frozen_head(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_is_top1_is_the_first_argmax(impl):
     """Two identical weight rows tie exactly: only the first of them counts as the top-1 token."""
-    skip_unless_supported(impl[0])
     hidden, weight, targets, _ = make_inputs(shape=(6,), device=impl[1])
     weight[5] = hidden[0] * 3.0  # dominant for every row sharing hidden[0]'s direction
     weight[40] = weight[5]
@@ -197,7 +179,6 @@ def test_is_top1_is_the_first_argmax(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_logit_scale_matches_reference(impl):
     """``logit_scale`` multiplies the raw logits before the softcap (TRL's order), for values and gradients."""
-    skip_unless_supported(impl[0])
     hidden, weight, targets, bias = make_inputs(device=impl[1], bias=True)
     out, grads, ref, ref_grads = run_both(
         impl[0], hidden, weight, targets, bias, logit_scale=2.5, softcap=1.5

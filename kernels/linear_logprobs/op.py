@@ -39,7 +39,6 @@ PyTorch.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -72,13 +71,6 @@ class TokenOutputs(NamedTuple):
     """float32 ``mean_j z_j`` over the vocabulary, no gradient."""
     is_top1: Tensor | None = None
     """bool: the target is the first argmax of ``z``."""
-
-
-def _triton_is_v1() -> bool:
-    """Whether the installed ``triton_fwd`` launcher predates the backend interface (no ``logit_scale``)."""
-    from prefuse.kernels.linear_logprobs import triton_fwd
-
-    return "logit_scale" not in inspect.signature(triton_fwd.forward).parameters
 
 
 def _forward_impl(backend: str) -> Callable:
@@ -134,14 +126,6 @@ def _call_forward(backend, hidden2d, weight, bias, rows, targets, n_valid, softc
                   with_stats):  # fmt: skip
     impl = _forward_impl(backend)
     with torch.autocast(hidden2d.device.type, enabled=False):
-        if backend == "triton" and _triton_is_v1():
-            if with_stats or logit_scale != 1.0:
-                raise ValueError(
-                    "backend='triton' of this installation takes neither outputs nor logit_scale"
-                )
-            logp, lse = impl(hidden2d, weight, bias, rows, targets, n_valid, softcap=softcap,
-                             inv_temperature=inv_temperature)  # fmt: skip
-            return logp, lse, hidden2d.new_zeros(0, dtype=torch.float32)
         return impl(
             hidden2d, weight, bias, rows, targets, n_valid, softcap=softcap, inv_temperature=inv_temperature,
             logit_scale=logit_scale, with_stats=with_stats,
@@ -152,11 +136,6 @@ def _call_backward(backend, hidden2d, weight, bias, rows, targets, n_valid, lse,
                    options):  # fmt: skip
     impl = _backward_impl(backend)
     with torch.autocast(hidden2d.device.type, enabled=False):
-        if backend == "triton" and _triton_is_v1():
-            return impl(hidden2d, weight, bias, rows, targets, n_valid, lse, grad_logp, softcap=options["softcap"],
-                        inv_temperature=options["inv_temperature"], need_hidden=options["need_hidden"],
-                        need_weight=options["need_weight"], need_bias=options["need_bias"],
-                        deterministic=options["deterministic"])  # fmt: skip
         return impl(
             hidden2d, weight, bias, rows, targets, n_valid, lse, entropy, grad_logp, grad_entropy, **options
         )

@@ -1,10 +1,14 @@
 r"""Backward Triton kernels of ``linear_logprobs``: gradients from recomputed logit tiles.
 
-With upstream gradient ``g_i`` of ``logp_i`` and the forward's ``lse_i`` (the only saved state)::
+With upstream gradients ``g_i`` of ``logp_i`` and ``gH_i`` of the entropy ``H_i``, and the forward's ``lse_i``
+(and ``H_i``) as the only saved state, ``log p_iv = z_iv - lse_i``::
 
-    dz_iv = g_i * (onehot(t_i)_v - exp(z_iv - lse_i))
-    dl_iv = dz_iv * inv_temperature * (1 - tanh(l_iv / c)^2  if softcap else 1)
+    dz_iv = g_i (onehot(t_i)_v - p_iv) - gH_i p_iv (log p_iv + H_i)
+    dl_iv = dz_iv * dz/dl_iv,  dz/dl = logit_scale * inv_temperature * (1 - tanh(logit_scale l_iv / c)^2)
+                                       (softcap c; without it just logit_scale * inv_temperature)
     grad_h_i = sum_v dl_iv W_v        grad_W_v = sum_i dl_iv h_i        grad_b_v = sum_i dl_iv
+
+Without an entropy gradient the launcher passes ``gH = 0`` (the term vanishes; one kernel serves both).
 
 Every ``(BLOCK_N, BLOCK_V)`` tile of ``dl`` is recomputed from a logit tile (:func:`_logit_tile`, shared
 with the forward) and consumed at once by a loop over ``BLOCK_D`` chunks of the hidden size: ``dl @ W_tile``
@@ -15,9 +19,8 @@ tensor) are masked out; a row block lying wholly past ``n_valid`` returns before
 
 Two modes:
 
-- default, :func:`_backward_kernel` alone: grid ``(row blocks, vocab splits)``, one fused pass; ``grad_W`` and
-  ``grad_b`` tiles are shared by all row blocks, so they are added with ``tl.atomic_add``; ``grad_h`` rows are
-  owned by their row block, so they need atomics only when several vocab splits write them.
+- default, :func:`_backward_kernel` alone: grid ``(row blocks, vocab splits)``, one fused pass; ``grad_W``,
+  ``grad_b`` and (across vocab splits) ``grad_h`` are added with ``tl.atomic_add``.
 - ``deterministic=True``, no atomics, bit-identical results run to run: the same kernel with one vocab split
   and only ``grad_h`` (each program owns its rows: plain load-add-store), then :func:`_weight_kernel`, one
   program per vocab tile that owns its tile and walks the valid row blocks in order (recomputing their
@@ -27,6 +30,8 @@ The fp32 buffers are cast to the input dtypes at the end (free for fp32 inputs).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import triton
@@ -46,7 +51,10 @@ def _grad_logit_tile(
     targets,
     lse,
     g,
+    entropy,
+    g_entropy,
     D,
+    logit_scale,
     softcap,
     inv_temperature,
     HAS_BIAS: tl.constexpr,
@@ -57,8 +65,8 @@ def _grad_logit_tile(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """The fp32 ``(BLOCK_N, BLOCK_V)`` tile of ``dl``; exactly zero on masked rows and columns (so a target
-    outside ``[0, V)``, a vocab shard's out-of-shard target, adds no one-hot term)."""
+    """The fp32 ``(BLOCK_N, BLOCK_V)`` tile of ``dl`` (module docstring); exactly zero on masked rows and
+    columns (so a target outside ``[0, V)``, a vocab shard's out-of-shard target, adds no one-hot term)."""
     z, dz_dl = _logit_tile(
         h_ptrs,
         row_mask,
@@ -67,6 +75,7 @@ def _grad_logit_tile(
         bias_ptr,
         cols,
         D,
+        logit_scale,
         softcap,
         inv_temperature,
         HAS_BIAS,
@@ -78,8 +87,10 @@ def _grad_logit_tile(
         BLOCK_D,
     )
     onehot = tl.where(cols[None, :] == targets[:, None], 1.0, 0.0)
-    dl = g[:, None] * (onehot - tl.exp(z - lse[:, None])) * dz_dl
-    return tl.where(row_mask[:, None] & col_mask[None, :], dl, 0.0)
+    log_p = tl.where(col_mask[None, :], z - lse[:, None], 0.0)  # finite: masked columns end up zero below
+    p = tl.exp(log_p)
+    dz = g[:, None] * (onehot - p) - g_entropy[:, None] * p * (log_p + entropy[:, None])
+    return tl.where(row_mask[:, None] & col_mask[None, :], dz * dz_dl, 0.0)
 
 
 @triton.jit
@@ -148,7 +159,7 @@ def _backprop_tile(
 
 
 @cfg.autotuned(
-    tile_per_thread=cfg.BACKWARD_TILE_PER_THREAD,
+    role="backward",
     key=("NEED_H", "NEED_W", "NEED_B", "ATOMIC_H"),
     reset_to_zero=("grad_h_ptr", "grad_w_ptr", "grad_b_ptr"),
 )
@@ -162,6 +173,8 @@ def _backward_kernel(
     n_valid_ptr,
     lse_ptr,
     grad_ptr,
+    entropy_ptr,
+    grad_entropy_ptr,
     grad_h_ptr,
     grad_w_ptr,
     grad_b_ptr,
@@ -171,6 +184,7 @@ def _backward_kernel(
     stride_h,
     stride_w,
     SPLIT_V,
+    logit_scale,
     softcap,
     inv_temperature,
     N_BUCKET,
@@ -187,7 +201,7 @@ def _backward_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Program ``(row block, split)``: walk the split's vocab tiles, adding each ``dl`` tile's share to
-    ``grad_h`` (rows owned; atomic iff ``ATOMIC_H``), ``grad_W`` and ``grad_b`` (atomic)."""
+    ``grad_h`` (atomic iff ``ATOMIC_H``, else the program owns its rows), ``grad_W`` and ``grad_b`` (atomic)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_valid = tl.load(n_valid_ptr)
@@ -197,6 +211,8 @@ def _backward_kernel(
     rows, targets, row_mask = _load_rows(rows_ptr, targets_ptr, offs_n, N, n_valid)
     lse = tl.load(lse_ptr + offs_n, mask=row_mask, other=0.0)
     g = tl.load(grad_ptr + offs_n, mask=row_mask, other=0.0)
+    entropy = tl.load(entropy_ptr + offs_n, mask=row_mask, other=0.0)
+    g_entropy = tl.load(grad_entropy_ptr + offs_n, mask=row_mask, other=0.0)
     h_ptrs = hidden_ptr + rows * stride_h
 
     v_lo = pid_s * SPLIT_V
@@ -215,7 +231,10 @@ def _backward_kernel(
             targets,
             lse,
             g,
+            entropy,
+            g_entropy,
             D,
+            logit_scale,
             softcap,
             inv_temperature,
             HAS_BIAS,
@@ -249,11 +268,7 @@ def _backward_kernel(
         )
 
 
-@cfg.autotuned(
-    tile_per_thread=cfg.BACKWARD_TILE_PER_THREAD,
-    key=("NEED_W", "NEED_B"),
-    reset_to_zero=("grad_w_ptr", "grad_b_ptr"),
-)
+@cfg.autotuned(role="weight", key=("NEED_W", "NEED_B"), reset_to_zero=("grad_w_ptr", "grad_b_ptr"))
 @triton.jit
 def _weight_kernel(
     hidden_ptr,
@@ -264,6 +279,8 @@ def _weight_kernel(
     n_valid_ptr,
     lse_ptr,
     grad_ptr,
+    entropy_ptr,
+    grad_entropy_ptr,
     grad_w_ptr,
     grad_b_ptr,
     N,
@@ -271,6 +288,7 @@ def _weight_kernel(
     D,
     stride_h,
     stride_w,
+    logit_scale,
     softcap,
     inv_temperature,
     N_BUCKET,
@@ -296,6 +314,8 @@ def _weight_kernel(
         rows, targets, row_mask = _load_rows(rows_ptr, targets_ptr, offs_n, N, n_valid)
         lse = tl.load(lse_ptr + offs_n, mask=row_mask, other=0.0)
         g = tl.load(grad_ptr + offs_n, mask=row_mask, other=0.0)
+        entropy = tl.load(entropy_ptr + offs_n, mask=row_mask, other=0.0)
+        g_entropy = tl.load(grad_entropy_ptr + offs_n, mask=row_mask, other=0.0)
         h_ptrs = hidden_ptr + rows * stride_h
         dl = _grad_logit_tile(
             h_ptrs,
@@ -307,7 +327,10 @@ def _weight_kernel(
             targets,
             lse,
             g,
+            entropy,
+            g_entropy,
             D,
+            logit_scale,
             softcap,
             inv_temperature,
             HAS_BIAS,
@@ -343,6 +366,16 @@ def _weight_kernel(
         tl.store(grad_b_ptr + cols, grad_b, mask=col_mask)
 
 
+def _check_options(entropy, grad_entropy, filter_eps) -> None:
+    if filter_eps is not None:
+        raise ValueError(
+            f"filter_eps={filter_eps!r}: gradient filtering is not supported by backend='triton' "
+            "(use backend='chunked' or 'torch', or filter_eps=None)"
+        )
+    if (entropy is None) != (grad_entropy is None):
+        raise ValueError("entropy and grad_entropy must both be given or both be None")
+
+
 def backward(
     hidden2d,
     weight,
@@ -351,41 +384,64 @@ def backward(
     targets,
     n_valid,
     lse,
-    grad,
+    entropy,
+    grad_logp,
+    grad_entropy,
     *,
     softcap,
     inv_temperature,
+    logit_scale,
     need_hidden,
     need_weight,
     need_bias,
     deterministic,
+    filter_eps,
 ):
-    """``(grad_hidden2d, grad_weight, grad_bias)``, each ``None`` unless its ``need_*`` flag is set, else in
-    its input's dtype: ``(M, D)`` (zero on rows not in ``rows[:n_valid]``), ``(V, D)``, ``(V,)``.
+    """``(grad_hidden2d, grad_weight, grad_bias)`` of ``sum(grad_logp * logp + grad_entropy * entropy)``, each
+    ``None`` unless its ``need_*`` flag is set, else in its input's dtype: ``(M, D)`` (zero on rows not in
+    ``rows[:n_valid]``), ``(V, D)``, ``(V,)``.
 
-    ``rows[:n_valid]`` must be distinct (each hidden row scored once). ``grad`` and ``lse`` are ``(N,)`` fp32;
-    entries past ``n_valid`` are never read. No host synchronisation."""
+    ``rows[:n_valid]`` must be distinct (each hidden row scored once). ``lse``, ``grad_logp`` and, when an
+    entropy gradient flows, ``entropy`` and ``grad_entropy`` are ``(N,)`` fp32 (both ``None`` otherwise);
+    entries past ``n_valid`` are never read. ``filter_eps`` must be ``None`` (not supported here). No host
+    synchronisation."""
+    _check_options(entropy, grad_entropy, filter_eps)
     need_bias = need_bias and bias is not None
     interpreted = cfg.is_interpreted(_backward_kernel)
     flags = cfg.dot_flags(hidden2d, weight, interpreted)
     n_tokens, (vocab, dim) = rows.numel(), weight.shape
     device = hidden2d.device
 
-    def zeros(*shape):
-        return torch.zeros(shape, dtype=torch.float32, device=device)
+    def buffer(needed, *shape):
+        """An fp32 gradient accumulator; a one-element placeholder (never written) when not needed."""
+        return torch.zeros(shape if needed else (1,), dtype=torch.float32, device=device)
 
-    grad_h = zeros(hidden2d.shape[0], dim) if need_hidden else None
-    grad_w = zeros(vocab, dim) if need_weight else None
-    grad_b = zeros(vocab) if need_bias else None
+    grad_h = buffer(need_hidden, hidden2d.shape[0], dim)
+    grad_w = buffer(need_weight, vocab, dim)
+    grad_b = buffer(need_bias, vocab)
+    if entropy is None:  # no entropy gradient: gH = 0 removes the term
+        entropy = grad_entropy = torch.zeros(n_tokens, dtype=torch.float32, device=device)
 
     # autograd may hand an expanded (stride-0) gradient; the kernels read it contiguously (an O(N) copy)
-    inputs = (hidden2d, weight, bias, rows, targets, n_valid, lse, grad.contiguous())
+    inputs = (
+        hidden2d,
+        weight,
+        bias,
+        rows,
+        targets,
+        n_valid,
+        lse,
+        grad_logp.contiguous(),
+        entropy.contiguous(),
+        grad_entropy.contiguous(),
+    )
     scalars = dict(
         N=n_tokens,
         V=vocab,
         D=dim,
         stride_h=hidden2d.stride(0),
         stride_w=weight.stride(0),
+        logit_scale=float(logit_scale),
         softcap=1.0 if softcap is None else float(softcap),
         inv_temperature=float(inv_temperature),
         N_BUCKET=cfg.token_bucket(n_tokens),
@@ -394,7 +450,7 @@ def backward(
         **flags,
     )
 
-    def fused(splits, split_v, need_w, need_b):
+    def fused(splits, split_v, need_w, need_b, atomic_h):
         cfg.launch(
             _backward_kernel,
             lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]), splits),
@@ -406,16 +462,17 @@ def backward(
             NEED_H=need_hidden,
             NEED_W=need_w,
             NEED_B=need_b,
-            ATOMIC_H=splits > 1,
+            ATOMIC_H=atomic_h,
             **scalars,
         )
 
     if n_tokens and (need_hidden or need_weight or need_bias):
         if not deterministic:
-            fused(*cfg.vocab_splits(n_tokens, vocab, device, interpreted), need_weight, need_bias)
+            splits, split_v = cfg.vocab_splits(n_tokens, vocab, device, interpreted)
+            fused(splits, split_v, need_weight, need_bias, need_hidden)
         else:
             if need_hidden:
-                fused(1, vocab, False, False)
+                fused(1, vocab, False, False, False)
             if need_weight or need_bias:
                 cfg.launch(
                     _weight_kernel,
@@ -428,7 +485,33 @@ def backward(
                     **scalars,
                 )
 
-    def cast(buffer, like):
-        return None if buffer is None else buffer.to(like.dtype)
+    def cast(buffer, needed, like):
+        return buffer.to(like.dtype) if needed else None
 
-    return cast(grad_h, hidden2d), cast(grad_w, weight), cast(grad_b, bias)
+    return (
+        cast(grad_h, need_hidden, hidden2d),
+        cast(grad_w, need_weight, weight),
+        cast(grad_b, need_bias, bias),
+    )
+
+
+def _gradient_sets(bias: bool):
+    """The (need_hidden, need_weight, need_bias) combinations a backward can ask for."""
+    return [
+        need for need in itertools.product((False, True), repeat=3) if any(need) and (bias or not need[2])
+    ]
+
+
+def compile_variants() -> list:
+    """Every backward variant a CUDA launch can compile (for ``python -m benchmarks.aot``): per operand dtype
+    and dot precision, softcap and bias, the fused kernel for each set of gradients (atomic ``grad_h``), the
+    deterministic hidden-only pass, and the weight kernel for each set of weight / bias gradients."""
+    variants = []
+    for (dtype, precision), softcap, bias in itertools.product(cfg.PRECISIONS, (False, True), (False, True)):
+        common = dict(HAS_SOFTCAP=softcap, HAS_BIAS=bias)
+        fused = [dict(NEED_H=h, NEED_W=w, NEED_B=b, ATOMIC_H=h) for h, w, b in _gradient_sets(bias)]
+        fused.append(dict(NEED_H=True, NEED_W=False, NEED_B=False, ATOMIC_H=False))
+        weight = [dict(NEED_W=w, NEED_B=b) for h, w, b in _gradient_sets(bias) if not h]
+        variants += [cfg.kernel_variant(_backward_kernel, dtype, precision, **common, **f) for f in fused]
+        variants += [cfg.kernel_variant(_weight_kernel, dtype, precision, **common, **f) for f in weight]
+    return variants

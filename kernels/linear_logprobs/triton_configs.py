@@ -1,58 +1,37 @@
-"""Block sizes, vocab splitting and autotuning for the ``linear_logprobs`` Triton kernels, in one place.
+"""Launch configurations of the ``linear_logprobs`` Triton kernels: a fixed default, autotuning on request.
 
-Two regimes:
+- **Default** (CUDA): every kernel launches with :func:`default_config` for its role (``forward``,
+  ``backward``, ``weight``) and operand size. These are the configs ``python -m benchmarks.aot`` compiles for
+  sm_90 and checks for register spills and shared memory; no launch ever benchmarks.
+- **``PREFUSE_AUTOTUNE=1``**: Triton's autotuner over :data:`GPU_SPACE`, pruned by :func:`fits`, keyed on the
+  shape (``D``, ``V``, a power-of-two token bucket ``N_BUCKET``), the dot precision and every flag that changes
+  the compiled code (the argument dtypes Triton adds itself). Benchmark runs add into the gradient buffers, so
+  those are named in ``reset_to_zero``; the launchers never pass ``None`` there (Triton 3.6 calls ``.zero_()``
+  on each without a ``None`` check): a gradient that is not asked for gets a one-element placeholder.
+- **Interpreter** (``TRITON_INTERPRET=1`` set before import, CPU tests): the fixed small
+  :data:`INTERPRET_META` and :data:`INTERPRET_SPLITS` vocab splits, so that small test vocabularies exercise
+  the multi-split paths (partial combine, atomic ``grad_hidden``).
 
-- **CUDA** (compiled): every kernel is wrapped by :func:`autotuned`, which tunes ``BLOCK_N`` (token rows),
-  ``BLOCK_V`` (vocab columns), ``BLOCK_D`` (hidden chunk), ``num_warps`` and ``num_stages`` over
-  :data:`GPU_SPACE`, keyed on ``D``, ``V``, a power-of-two token bucket ``N_BUCKET``, ``HAS_SOFTCAP`` (plus
-  the argument dtypes, which Triton adds to the key itself) and whatever mode flags the kernel names. Configs whose
-  operand pipeline does not fit in shared memory, or whose fp32 logit tile would spill registers, are pruned
-  before any benchmark. Accumulation buffers are named in ``reset_to_zero`` so that benchmark runs leave no
-  trace in the result.
-- **Interpreter** (``TRITON_INTERPRET=1`` set before import, CPU tests): one fixed small config,
-  :data:`INTERPRET_META`, and :data:`INTERPRET_SPLITS` vocab splits so that small test vocabularies already
-  exercise the multi-split code paths (partial log-sum-exp combine, atomic ``grad_hidden``).
-
-The vocab is cut into ``splits`` contiguous ranges of ``split_v`` columns (a multiple of every ``BLOCK_V`` the
-regime can pick, so a vocab tile never straddles two splits); each program of a ``(row blocks, splits)`` grid
-owns one range. The split count is fixed on the host from shapes only (never from data), before the
-autotuner picks ``BLOCK_V``, so partial buffers can be allocated ahead of the launch.
-
-How a CUDA launch picks its config (:func:`choose_config`), first match wins:
-
-1. a config forced by :func:`forced_configs` (the tuning sweep ``benchmarks/tune.py`` uses this);
-2. the **tuned table** (unless ``PREFUSE_AUTOTUNE=force``): ``tuned_configs.json`` beside this file, or the
-   file named by ``PREFUSE_TUNED_CONFIGS`` (empty: no table). Entries are keyed by kernel, dtype and the
-   kernel's autotune key (``D``, ``V``, ``N_BUCKET``, the flags); an entry of this device's name wins over
-   one of the same compute capability, and an exact token bucket over the nearest tuned one (same kernel,
-   dtype, D, V and flags). A tabled config that no longer fits the device is skipped;
-3. ``PREFUSE_AUTOTUNE=off``: the first config of :data:`DEFAULT_PREFERENCE` that fits (no benchmarking: the
-   GPU test suite and the sanitizer run use this);
-4. otherwise (``PREFUSE_AUTOTUNE`` unset or ``auto``) Triton's autotuner over the pruned :data:`GPU_SPACE`.
-
-The table is written by ``python -m benchmarks.tune`` on the GPU (see ``TUNING.md``).
+The vocab is cut into ``splits`` contiguous ranges of ``split_v`` columns, a multiple of every ``BLOCK_V`` the
+regime can pick (a vocab tile never straddles two splits); each program of a ``(row blocks, splits)`` grid owns
+one range. The split count depends on shapes only, so partial buffers are allocated before the launch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
-import json
-import math
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import triton
+from prefuse.kernels.linear_logprobs.compile_variants import KernelVariant
 from triton.runtime.interpreter import InterpretedFunction
 
-# The fixed config of the interpreter: the smallest tiles `tl.dot` accepts, so tests stay cheap.
 INTERPRET_META = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16}
 INTERPRET_SPLITS = 2
 
-# The GPU search space (pruned per device and dtype by `_prune`).
 GPU_SPACE = {
     "BLOCK_N": (64, 128),
     "BLOCK_V": (64, 128, 256),
@@ -60,34 +39,40 @@ GPU_SPACE = {
     "num_warps": (4, 8),
     "num_stages": (2, 3, 4),
 }
-# fp32 logit-tile elements per thread beyond which the kernels spill registers (calibrated with ptxas for
-# sm_90 at BLOCK_D=64: the forward keeps one tile live; the backward kernels also hold the dl tile, its 16-bit
-# copy and the pointer tiles of their fp32 accumulation targets).
-FORWARD_TILE_PER_THREAD = 64
-BACKWARD_TILE_PER_THREAD = 32
-
-# `PREFUSE_AUTOTUNE=off` (and a device without a tuned entry in that mode): the first of these that fits.
-DEFAULT_PREFERENCE = (
-    {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32, "num_warps": 4, "num_stages": 2},
-)
 META_KEYS = ("BLOCK_N", "BLOCK_V", "BLOCK_D", "num_warps", "num_stages")
-AUTOTUNE_MODES = ("auto", "off", "force")
-TABLE_FORMAT = 1
-DEFAULT_TABLE = Path(__file__).with_name("tuned_configs.json")
+SHARED_LIMIT = 232_448
+"""Shared memory per block (opt-in) of an sm_90 GPU (H100 / H200): 227 KiB."""
+
+# role -> operand bytes -> config: compiled for sm_90 under Triton 3.6 and 3.9 (``python -m benchmarks.aot``)
+# without spills, within the shared memory of a block.
+DEFAULT_CONFIGS = {
+    "forward": {
+        2: {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3},
+        4: {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32, "num_warps": 8, "num_stages": 3},
+    },
+    "backward": {
+        2: {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32, "num_warps": 8, "num_stages": 3},
+        4: {"BLOCK_N": 64, "BLOCK_V": 32, "BLOCK_D": 16, "num_warps": 4, "num_stages": 3},
+    },
+}
+DEFAULT_CONFIGS["weight"] = DEFAULT_CONFIGS["backward"]
+
+# fp32 logit-tile elements per thread beyond which a role's kernel spills (ptxas, sm_90): the forward keeps one
+# tile live; the backward kernels also hold the dl tile and its 16-bit copy.
+TILE_PER_THREAD = {"forward": 64, "backward": 32, "weight": 32}
+COMMON_KEY = ("D", "V", "N_BUCKET", "HAS_SOFTCAP", "HAS_BIAS", "DOT_PRECISION")
 
 
-@dataclass(frozen=True)
-class KernelSpec:
-    """What :func:`autotuned` knows of a kernel: its autotune key names and register budget."""
+class KernelSpec(NamedTuple):
+    """What the launcher knows of a kernel: its role, autotune key and the buffers benchmark runs dirty."""
 
+    role: str
     key: tuple[str, ...]
-    tile_per_thread: int
+    reset_to_zero: tuple[str, ...]
 
 
-# kernel name -> spec, filled by `autotuned` (the table keys entries by these names)
 KERNELS: dict[str, KernelSpec] = {}
+"""Kernel name -> spec, filled by :func:`autotuned`."""
 
 
 def is_interpreted(kernel) -> bool:
@@ -95,44 +80,11 @@ def is_interpreted(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
-def _gpu_configs() -> list[triton.Config]:
-    keys = ("BLOCK_N", "BLOCK_V", "BLOCK_D")
-    return [
-        triton.Config(dict(zip(keys, blocks)), num_warps=warps, num_stages=stages)
-        for *blocks, warps, stages in itertools.product(
-            *(GPU_SPACE[k] for k in (*keys, "num_warps", "num_stages"))
-        )
-    ]
-
-
-@functools.cache
-def _shared_memory_bytes(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
-
-
-def fits(meta: dict, element_size: int, shared_limit: int, tile_per_thread: int) -> bool:
-    """Whether the config `meta` (:data:`META_KEYS`) keeps its pipelined dot operands and staged logit tile
-    within `shared_limit` bytes and its fp32 logit tile within `tile_per_thread` elements per thread."""
-    n, v, d = meta["BLOCK_N"], meta["BLOCK_V"], meta["BLOCK_D"]
-    shared = meta["num_stages"] * (n + v) * d * element_size + n * v * 4
-    return shared <= shared_limit and n * v <= tile_per_thread * 32 * meta["num_warps"]
-
-
-def _config_meta(c: triton.Config) -> dict:
-    return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
-
-
-def _device_index(tensor: torch.Tensor) -> int:
-    return tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
-
-
-def _prune(configs, named_args, *, tile_per_thread, **kwargs):
-    """Keep the configs whose pipelined dot operands and staged logit tile fit the device's shared memory
-    and whose fp32 logit tile fits the registers of its warps (`tile_per_thread` elements per thread)."""
-    weight = {**named_args, **kwargs}["weight_ptr"]
-    limit = _shared_memory_bytes(weight.device.index if weight.device.index is not None else 0)
-    size = weight.element_size()
-    return [c for c in configs if fits(_config_meta(c), size, limit, tile_per_thread)]
+def jit_function(kernel):
+    """The ``@triton.jit`` function under any autotuner."""
+    while isinstance(kernel, triton.runtime.Autotuner):
+        kernel = kernel.fn
+    return kernel
 
 
 def kernel_name(kernel) -> str:
@@ -142,237 +94,98 @@ def kernel_name(kernel) -> str:
     return kernel.__name__
 
 
-def autotuned(*, tile_per_thread, key=(), reset_to_zero=()):
-    """Decorator: the CUDA autotuner over :data:`GPU_SPACE`, keyed on ``D``, ``V``, ``N_BUCKET``,
-    ``HAS_SOFTCAP`` and `key`, pruned by :func:`_prune` with the kernel's register budget `tile_per_thread`.
-    Registers the kernel in :data:`KERNELS` (the tuned table uses the same key).
+def shared_bytes(meta: dict, element_size: int, role: str) -> int:
+    """Upper estimate of the shared memory a config allocates, fitted to what ptxas reports for sm_90
+    (``tests/test_gpu_tools.py`` holds the measurements): the pipelined ``h`` and ``W`` operand tiles of the
+    logit loop (``num_stages`` buffers) — all of the forward's; the backward kernels add the ``dl`` tile twice
+    (as the operand of ``dl @ W`` and of ``dlᵀ @ h``) and an fp32 ``W``-chunk-sized layout conversion (exact at
+    7 of the 13 backward configs measured, at most 32 KiB over at the others)."""
+    n, v, d = meta["BLOCK_N"], meta["BLOCK_V"], meta["BLOCK_D"]
+    operands = meta["num_stages"] * (n + v) * d * element_size
+    if role == "forward":
+        return operands
+    return operands + 2 * n * v * element_size + v * d * 4
 
-    Under the interpreter it returns the kernel unchanged (launch it through :func:`launch`)."""
-    full_key = ("D", "V", "N_BUCKET", "HAS_SOFTCAP", *key)
+
+def fits(meta: dict, element_size: int, role: str, shared_limit: int = SHARED_LIMIT) -> bool:
+    """Whether config `meta` (:data:`META_KEYS`) stays within `shared_limit` bytes of shared memory and its
+    fp32 logit tile within the role's register budget :data:`TILE_PER_THREAD`."""
+    tile = meta["BLOCK_N"] * meta["BLOCK_V"]
+    return (
+        shared_bytes(meta, element_size, role) <= shared_limit
+        and tile <= TILE_PER_THREAD[role] * 32 * meta["num_warps"]
+    )
+
+
+def default_config(role: str, element_size: int) -> dict:
+    """The config every untuned CUDA launch of a `role` kernel uses, for operands of `element_size` bytes."""
+    return dict(DEFAULT_CONFIGS[role][element_size])
+
+
+def gpu_configs() -> list[triton.Config]:
+    """Every config of :data:`GPU_SPACE`."""
+    blocks = ("BLOCK_N", "BLOCK_V", "BLOCK_D")
+    return [
+        triton.Config(dict(zip(blocks, values)), num_warps=warps, num_stages=stages)
+        for *values, warps, stages in itertools.product(*(GPU_SPACE[k] for k in META_KEYS))
+    ]
+
+
+def _meta(config: triton.Config) -> dict:
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def _prune(configs, named_args, *, role, **kwargs):
+    """The autotuner's pre-filter: the configs that :func:`fits` an sm_90 block."""
+    size = {**named_args, **kwargs}["weight_ptr"].element_size()
+    return [c for c in configs if fits(_meta(c), size, role)]
+
+
+def autotuner(kernel, spec: KernelSpec):
+    """Triton's autotuner for `kernel` over the pruned :data:`GPU_SPACE`, with `spec`'s key and resets."""
+    return triton.autotune(
+        configs=gpu_configs(),
+        key=list(spec.key),
+        prune_configs_by={"early_config_prune": functools.partial(_prune, role=spec.role)},
+        reset_to_zero=list(spec.reset_to_zero),
+    )(kernel)
+
+
+def autotuned(*, role, key=(), reset_to_zero=()):
+    """Decorator: register the kernel (:data:`KERNELS`) and, when compiled, wrap it in :func:`autotuner`
+    (used only under ``PREFUSE_AUTOTUNE=1``; :func:`launch` otherwise runs the bare kernel)."""
 
     def wrap(kernel):
-        KERNELS[kernel_name(kernel)] = KernelSpec(full_key, tile_per_thread)
-        if is_interpreted(kernel):
-            return kernel
-        return triton.autotune(
-            configs=_gpu_configs(),
-            key=list(full_key),
-            prune_configs_by={
-                "early_config_prune": functools.partial(_prune, tile_per_thread=tile_per_thread)
-            },
-            reset_to_zero=list(reset_to_zero),
-        )(kernel)
+        spec = KernelSpec(role, (*COMMON_KEY, *key), tuple(reset_to_zero))
+        KERNELS[kernel_name(kernel)] = spec
+        return kernel if is_interpreted(kernel) else autotuner(kernel, spec)
 
     return wrap
 
 
-# ------------------------------------------------------------------------------------------ config choice
-
-
-def autotune_mode() -> str:
-    """``PREFUSE_AUTOTUNE``: ``auto`` (default: table, else autotune), ``off`` (table, else a fixed default;
-    never benchmarks) or ``force`` (always autotune, ignoring the table)."""
-    mode = os.environ.get("PREFUSE_AUTOTUNE", "auto").strip().lower() or "auto"
-    if mode not in AUTOTUNE_MODES:
-        raise ValueError(f"PREFUSE_AUTOTUNE must be one of {AUTOTUNE_MODES}, got {mode!r}")
-    return mode
-
-
-def table_path() -> Path | None:
-    """The tuned-config table in use: ``PREFUSE_TUNED_CONFIGS`` if set (empty: none), else the packaged one."""
-    value = os.environ.get("PREFUSE_TUNED_CONFIGS")
-    if value is None:
-        return DEFAULT_TABLE
-    return Path(value) if value.strip() else None
-
-
-def _json_value(value):
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    return str(value)
-
-
-def table_key(name: str, bound: dict) -> tuple[str, str, dict]:
-    """``(kernel, dtype, key)`` of a launch: `bound` maps the kernel's argument names to their values."""
-    spec = KERNELS[name]
-    return name, _json_value(bound["weight_ptr"].dtype), {k: _json_value(bound[k]) for k in spec.key}
-
-
-def _group(name: str, dtype: str, key: dict) -> tuple:
-    return name, dtype, tuple(sorted((k, v) for k, v in key.items() if k != "N_BUCKET"))
-
-
-class TunedTable:
-    """The entries of a tuned-config JSON file (format :data:`TABLE_FORMAT`), indexed for :meth:`lookup`.
-
-    File layout::
-
-        {"format": 1, "entries": [{"device": "NVIDIA H100 80GB HBM3", "capability": "9.0",
-          "kernel": "_forward_kernel", "dtype": "bfloat16",
-          "key": {"D": 4096, "V": 128256, "N_BUCKET": 16384, "HAS_SOFTCAP": false},
-          "config": {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3},
-          "ms": 21.7, ...free-form provenance...}, ...]}
-    """
-
-    def __init__(self, entries: list[dict]):
-        self.entries = list(entries)
-        self._index: dict[tuple, list[dict]] = {}
-        for entry in self.entries:
-            missing = {"device", "capability", "kernel", "dtype", "key", "config"} - entry.keys()
-            if missing or "N_BUCKET" not in entry["key"] or set(META_KEYS) - entry["config"].keys():
-                raise ValueError(
-                    f"tuned-config entry lacks {sorted(missing) or 'N_BUCKET / config keys'}: {entry}"
-                )
-            self._index.setdefault(_group(entry["kernel"], entry["dtype"], entry["key"]), []).append(entry)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> TunedTable:
-        data = json.loads(Path(path).read_text())
-        if data.get("format") != TABLE_FORMAT:
-            raise ValueError(f"{path}: tuned-config format {data.get('format')!r}, expected {TABLE_FORMAT}")
-        return cls(data.get("entries", []))
-
-    def lookup(self, name: str, dtype: str, key: dict, device: str, capability: str) -> dict | None:
-        """The entry for this launch: same kernel, dtype and non-bucket key; this device's name before its
-        capability; the exact token bucket, else the nearest (in powers of two; the larger on a tie)."""
-        candidates = self._index.get(_group(name, dtype, key), [])
-        for same in (lambda e: e["device"] == device, lambda e: e["capability"] == capability):
-            matching = [e for e in candidates if same(e)]
-            if matching:
-                bucket = math.log2(key["N_BUCKET"])
-                return min(
-                    matching,
-                    key=lambda e: (abs(math.log2(e["key"]["N_BUCKET"]) - bucket), -e["key"]["N_BUCKET"]),
-                )
-        return None
-
-
-_TABLES: dict[tuple[str, float], TunedTable] = {}
-
-
-def load_table(path: Path | None = None) -> TunedTable | None:
-    """The tuned table at `path` (default :func:`table_path`), re-read when the file changes; ``None`` when
-    there is no file."""
-    path = table_path() if path is None else path
-    if path is None or not path.is_file():
-        return None
-    stamp = (str(path.resolve()), path.stat().st_mtime)
-    if stamp not in _TABLES:
-        _TABLES[stamp] = TunedTable.load(path)
-    return _TABLES[stamp]
-
-
-@functools.cache
-def device_signature(device_index: int) -> tuple[str, str]:
-    """``(name, "major.minor")`` of a CUDA device, as the tuned table records them."""
-    major, minor = torch.cuda.get_device_capability(device_index)
-    return torch.cuda.get_device_name(device_index), f"{major}.{minor}"
-
-
-_FORCED: dict[str, dict] = {}
-_RECORDERS: list[tuple[list, bool, bool]] = []
-
-
-@contextlib.contextmanager
-def forced_configs(configs: dict[str, dict]):
-    """Within the block, launches of the named kernels use the given config (:data:`META_KEYS`)."""
-    saved = dict(_FORCED)
-    _FORCED.update(configs)
-    try:
-        yield
-    finally:
-        _FORCED.clear()
-        _FORCED.update(saved)
-
-
-@dataclass
-class LaunchRecord:
-    kernel: str
-    dtype: str
-    key: dict
-    config: dict | None  # None: left to Triton's autotuner
-    source: str  # forced / table / default / autotune
-    args: tuple = ()  # the launch's arguments, with `recording(keep_args=True)` only
-    kwargs: dict = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def recording(*, keep_args: bool = False, dry: bool = False):
-    """Collect a :class:`LaunchRecord` of every CUDA launch made through :func:`launch` within the block
-    (with `keep_args`, also its arguments). ``dry=True`` records without launching anything (outputs stay
-    uninitialised): the tuning sweep learns each kernel's launch arguments that way, to precompile configs."""
-    records: list[LaunchRecord] = []
-    entry = (records, keep_args, dry)
-    _RECORDERS.append(entry)
-    try:
-        yield records
-    finally:
-        del _RECORDERS[next(i for i, e in enumerate(_RECORDERS) if e is entry)]
-
-
-def default_config(name: str, bound: dict) -> dict:
-    """The first config of :data:`DEFAULT_PREFERENCE` (then of :data:`GPU_SPACE`) that fits the device."""
-    weight = bound["weight_ptr"]
-    limit = _shared_memory_bytes(_device_index(weight))
-    budget = KERNELS[name].tile_per_thread
-    for meta in (*DEFAULT_PREFERENCE, *(_config_meta(c) for c in _gpu_configs())):
-        if fits(meta, weight.element_size(), limit, budget):
-            return dict(meta)
-    raise RuntimeError(f"no config of {name} fits this device's shared memory ({limit} bytes)")
-
-
-def choose_config(name: str, bound: dict) -> tuple[dict | None, str]:
-    """``(config, source)`` for a CUDA launch of kernel `name` with arguments `bound` (module docstring);
-    ``config is None`` means: let Triton's autotuner choose."""
-    if name in _FORCED:
-        return dict(_FORCED[name]), "forced"
-    mode = autotune_mode()
-    if mode != "force":
-        table = load_table()
-        if table is not None:
-            weight = bound["weight_ptr"]
-            index = _device_index(weight)
-            device, capability = device_signature(index)
-            entry = table.lookup(*table_key(name, bound), device, capability)
-            if entry is not None:
-                config = {k: entry["config"][k] for k in META_KEYS}
-                budget = KERNELS[name].tile_per_thread
-                if fits(config, weight.element_size(), _shared_memory_bytes(index), budget):
-                    return config, "table"
-    if mode == "off":
-        return default_config(name, bound), "default"
-    return None, "autotune"
+def autotune_enabled() -> bool:
+    """``PREFUSE_AUTOTUNE``: ``1`` turns Triton's autotuner on; unset, empty or ``0`` keeps the defaults."""
+    value = os.environ.get("PREFUSE_AUTOTUNE", "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"PREFUSE_AUTOTUNE must be '0' or '1', got {value!r}")
+    return value == "1"
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch an :func:`autotuned` kernel; `grid` maps the chosen meta-parameters to the launch grid.
-
-    Under the interpreter the fixed :data:`INTERPRET_META` blocks are passed explicitly. On CUDA the config
-    comes from :func:`choose_config`: a chosen one launches the underlying ``triton.jit`` function directly
-    (no benchmarking), else the autotuner runs."""
+    """Launch an :func:`autotuned` kernel; `grid` maps the chosen meta-parameters to the launch grid."""
+    spec = KERNELS[kernel_name(kernel)]
+    bound = {**dict(zip(jit_function(kernel).arg_names, args)), **kwargs}
+    missing = [name for name in spec.reset_to_zero if bound[name] is None]
+    if missing:
+        raise ValueError(f"{kernel_name(kernel)}: reset_to_zero buffers {missing} must not be None")
     if is_interpreted(kernel):
         kernel[grid](*args, **kwargs, **INTERPRET_META)
-        return
-    name = kernel_name(kernel)
-    bound = {**dict(zip(kernel.arg_names, args)), **kwargs}
-    config, source = choose_config(name, bound)
-    dry = False
-    for records, keep_args, dry_run in _RECORDERS:
-        extra = (args, dict(kwargs)) if keep_args else ()
-        records.append(LaunchRecord(*table_key(name, bound), config, source, *extra))
-        dry = dry or dry_run
-    if dry:
-        return
-    if config is None:
+    elif autotune_enabled():
         kernel[grid](*args, **kwargs)
     else:
-        kernel.fn[grid](*args, **kwargs, **config)
+        jit_function(kernel)[grid](
+            *args, **kwargs, **default_config(spec.role, bound["weight_ptr"].element_size())
+        )
 
 
 def token_bucket(n_tokens: int) -> int:
@@ -405,8 +218,10 @@ def dot_flags(hidden: torch.Tensor, weight: torch.Tensor, interpreted: bool) -> 
 
     - ``UPCAST_DOT``: under the interpreter, ``tl.dot`` on bfloat16 operands returns garbage, so bf16
       operands are cast to fp32 first there; compiled kernels keep bf16/fp16 operands for the tensor cores.
-    - ``DOT_PRECISION``: for fp32 operands, ``"ieee"`` unless PyTorch itself allows TF32 matmuls
-      (``torch.backends.cuda.matmul.allow_tf32``); 16-bit operands always use the tensor cores.
+    - ``DOT_PRECISION``: for fp32 operands ``"tf32"`` when PyTorch itself allows TF32 matmuls
+      (``torch.backends.cuda.matmul.allow_tf32``), else ``"tf32x3"`` (three TF32 products: fp32 accuracy on
+      the tensor cores; the ``"ieee"`` FMA path spilled registers on sm_90 at every tile tried);
+      16-bit operands always use the tensor cores.
     """
     if hidden.device.type == "cpu" and not interpreted:
         raise ValueError(
@@ -416,5 +231,50 @@ def dot_flags(hidden: torch.Tensor, weight: torch.Tensor, interpreted: bool) -> 
     fp32 = weight.dtype == torch.float32
     return {
         "UPCAST_DOT": interpreted and weight.dtype == torch.bfloat16,
-        "DOT_PRECISION": "ieee" if fp32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32",
+        "DOT_PRECISION": "tf32x3" if fp32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32",
     }
+
+
+# ------------------------------------------------------------------------------------ sm_90 compile gate
+
+PRECISIONS = (("fp32", "tf32x3"), ("fp32", "tf32"), ("bf16", "tf32"), ("fp16", "tf32"))
+"""(operand dtype, ``DOT_PRECISION``) pairs :func:`dot_flags` can produce on CUDA."""
+_ELEMENT_SIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
+_INDEX_ARGS = ("rows_ptr", "targets_ptr", "n_valid_ptr")
+_OPERAND_ARGS = ("hidden_ptr", "weight_ptr", "bias_ptr")
+_ALIGNED_INTS = (
+    "D",
+    "stride_h",
+    "stride_w",
+    "SPLIT_V",
+)  # multiples of 16 at the GPU shapes (SPLIT_V: always)
+
+
+def _arg_type(name: str, dtype: str) -> str:
+    if name in _OPERAND_ARGS:
+        return f"*{dtype}"
+    if name in _INDEX_ARGS:
+        return "*i64"
+    if name.endswith("_ptr"):
+        return "*fp32"
+    if name in ("logit_scale", "softcap", "inv_temperature"):
+        return "fp32"
+    return "i32:16" if name in _ALIGNED_INTS else "i32"
+
+
+def kernel_variant(kernel, dtype: str, precision: str, **flags) -> KernelVariant:
+    """The :class:`KernelVariant` a CUDA launch of `kernel` with these operands and constexpr `flags` compiles:
+    its default config (:func:`default_config`), ``bias_ptr`` as ``None`` without a bias."""
+    fn = jit_function(kernel)
+    name = kernel_name(kernel)
+    config = default_config(KERNELS[name].role, _ELEMENT_SIZE[dtype])
+    constexprs = {**flags, "UPCAST_DOT": False, "DOT_PRECISION": precision}
+    constexprs.update({k: config[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")})
+    if not flags["HAS_BIAS"]:
+        constexprs["bias_ptr"] = None
+    signature = {a: "constexpr" if a in constexprs else _arg_type(a, dtype) for a in fn.arg_names}
+    label = [dtype if dtype != "fp32" else f"fp32-{precision}"]
+    label += [k.lower().removeprefix("has_") for k, v in flags.items() if v]
+    return KernelVariant(
+        f"{name}[{','.join(label)}]", fn, signature, constexprs, config["num_warps"], config["num_stages"]
+    )
