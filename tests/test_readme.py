@@ -31,6 +31,7 @@ def _run_at_root(code: str, tmp_path: Path, timeout: int = 900) -> subprocess.Co
 
 
 # ---------------------------------------------------------------------------------------------- the root
+@pytest.mark.slow  # a subprocess importing transformers, trl and peft
 def test_the_ecosystem_imports_from_the_repository_root(tmp_path):
     """transformers probes for PyPI's ``kernels`` (its hub kernels); from the root it finds the ``kernels/``
     folder, which must read as "not installed" and never as prefuse.kernels."""
@@ -50,6 +51,7 @@ def test_the_ecosystem_imports_from_the_repository_root(tmp_path):
     assert done.stdout.strip() == "ok"
 
 
+@pytest.mark.slow  # a subprocess importing transformers
 def test_the_root_folder_steps_aside_for_an_installed_kernels(tmp_path):
     """With a real ``kernels`` distribution further down ``sys.path``, the root folder hands the name to it."""
     fake = tmp_path / "site" / "kernels"

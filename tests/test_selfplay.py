@@ -289,6 +289,7 @@ def _run(tmp, tokenizer, method, *, fail=None):
     return result, calls
 
 
+@pytest.mark.slow  # a killed subprocess run, then the resumed and the uninterrupted runs
 @pytest.mark.parametrize("method,stage", [("sppo", "score"), ("gpo", "train")])
 def test_killed_run_resumes_to_the_uninterrupted_result(tokenizer, tmp_path, method, stage):
     whole, calls = _run(tmp_path / "whole", tokenizer, method)
