@@ -19,6 +19,7 @@ from prefuse.alignment.losses import (
     SPPOLoss,
 )
 from prefuse.alignment.output import LossOutput
+from prefuse.alignment.packing import packed_targets, unpack_token_logps
 
 # Trainer integration pulls in transformers (and TRL for the drop-ins): imported on first use, so the losses stay light.
 _LAZY = {
@@ -32,6 +33,8 @@ _LAZY = {
     "run_iterations": "prefuse.alignment.iterative",
     "PrefuseDPOTrainer": "prefuse.alignment.trl",
     "PrefuseKTOTrainer": "prefuse.alignment.trl",
+    "patch_trl": "prefuse.alignment.trl",
+    "unpatch_trl": "prefuse.alignment.trl",
 }
 
 
@@ -57,4 +60,6 @@ __all__ = [
     "SamPOLoss",
     "SimPOLoss",
     "functional",
+    "packed_targets",
+    "unpack_token_logps",
 ]

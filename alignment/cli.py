@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="forward+backward steps per head in the head comparison (0: skip it)",
     )
+    parser.add_argument(
+        "--padding-free", action="store_true", help="pack each batch's sequences into one row (no padding)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--output-dir", default="prefuse-out", help="where report.json and report.png go")
@@ -190,6 +193,7 @@ def build_job(opts, trainer_dir: str):
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
         use_cpu=device == "cpu", dataloader_pin_memory=device != "cpu", seed=opts.seed, data_seed=opts.seed,
         max_length=opts.max_length, max_prompt_length=opts.max_length // 2, dataloader_num_workers=0,
+        padding_free=opts.padding_free,
     )  # fmt: skip
     trainer = PreferenceTrainer(
         model,
@@ -245,12 +249,17 @@ def compare_heads(trainer, opts) -> dict:
     import torch
     from prefuse.alignment import head_comparison as hc
     from prefuse.alignment.model_head import forward_hidden
+    from prefuse.alignment.packing import packed_targets
 
     batch = next(iter(trainer.get_eval_dataloader()))
     trainer.model.eval()
+    packed = {"position_ids": batch["position_ids"]} if "sequence_ids" in batch else {}
     with torch.no_grad():
-        head = forward_hidden(trainer.model, batch["input_ids"], batch["attention_mask"])
+        head = forward_hidden(trainer.model, batch["input_ids"], batch.get("attention_mask"), **packed)
     labels = batch["labels"]
+    if packed:  # labels whose shift stays within each sequence: position t+1 holds token t's target
+        targets = packed_targets(labels, batch["sequence_ids"])
+        labels = torch.cat([torch.full_like(targets[:, :1], -100), targets[:, :-1]], dim=1)
     rows, length = labels.shape
     scored = int((labels[:, 1:] != -100).sum())
     device = trainer.args.device.type

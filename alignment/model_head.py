@@ -46,6 +46,9 @@ hooks, so the weight is released again before the op's backward (which needs it)
 ``modifier_rank=None`` gather is not partitioned back. Going through the module's own ``__call__`` is what the
 engines already handle, for any engine that hooks modules.
 
+A head grouped with other modules (``accelerate`` shards the final norm and the head as one group) is called
+as a complete pass of its group that hooks no second gradient reduce-scatter (``_fsdp_standalone_call``).
+
 A head left in FSDP2's *root* group (the usual case, and the only one for tied embeddings: the shared
 ``Parameter`` lives in the group of the module that owns both uses) has no hooks of its own; the root does not
 reshard after forward (FSDP2 keeps the root's parameters unsharded until its post-backward), so the head module's
@@ -342,18 +345,67 @@ def _call_in_head_forward(linear: nn.Module, hidden: Tensor, fn, args: tuple, kw
     def forward(hidden_states: Tensor):
         weight, bias = linear.weight, getattr(linear, "bias", None)
         bias = bias if isinstance(bias, Tensor) else None
+        weight, bias = _unsharded_when_frozen(weight), _unsharded_when_frozen(bias)
         if weight.dtype != hidden_states.dtype:  # autocast: what nn.Linear would compute in
             weight, bias = weight.to(hidden_states.dtype), None if bias is None else bias.to(hidden_states.dtype)
         return fn(hidden_states, weight, *args, bias=bias, **kwargs)
 
     linear.forward = forward
     try:
-        return linear(hidden)
+        with _fsdp_standalone_call(linear):
+            return linear(hidden)
     finally:
         if had_own_forward:
             linear.forward = previous
         else:
             del linear.forward
+
+
+def _unsharded_when_frozen(tensor: Tensor | None) -> Tensor | None:
+    """``tensor``, or its full value when it is an FSDP2 shard (a ``DTensor``) that no gradient flows to.
+
+    A head in a root group that reshards after its forward -- TRL shards its reference model so -- is still
+    sharded here (a root group has no hooks on the head). Without a gradient (a reference, under ``no_grad``)
+    gathering it is all the op needs; a trained head stays unsharded in the root group until its backward."""
+    if tensor is None or (tensor.requires_grad and torch.is_grad_enabled()):
+        return tensor
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return tensor
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+@contextlib.contextmanager
+def _fsdp_standalone_call(module: nn.Module):
+    """Within the block, a call of ``module`` after the model's forward is a complete FSDP2 pass of its group
+    that registers no second post-backward hook.
+
+    FSDP2 registers a group's post-backward (the gradient reduce-scatter) on the inputs of the first module of
+    each pass, and runs its post-forward (reshard, the pre-backward hook on the output) once every module of
+    the group ran. The head's input here is its input from the model's forward, already routed through that
+    pass's post-backward hook; a new pass would hook it again, and for a group holding the final norm and the
+    head (``accelerate``'s layout) that hook fires before the norm's backward, whose gradient then lands on
+    resharded storage. So the group's parameter groups are marked as already in their forward (no second
+    registration) and ``module`` as the group's only module still to run (the call completes it). Other
+    engines and unsharded heads are untouched.
+    """
+    get_state = getattr(module, "_get_fsdp_state", None)
+    state = get_state() if callable(get_state) else None
+    pending = getattr(state, "_modules_to_run_forward", None)
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if not isinstance(pending, set) or pending or groups is None:  # not FSDP2, or inside the model's forward
+        yield
+        return
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    pending.add(module)
+    for group in groups:
+        group._training_state = TrainingState.FORWARD
+    try:
+        yield
+    finally:
+        pending.discard(module)
 
 
 @contextlib.contextmanager

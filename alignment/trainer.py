@@ -26,16 +26,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
+from prefuse.alignment import checkpoints
+from prefuse.alignment.data.packing import PackedCollator, TokenBudgetBatchSampler, example_tokens
 from prefuse.alignment.methods import METHODS, get_method
 from prefuse.alignment.model_head import adapter_disabled, forward_hidden, head_options, is_peft_model
 from prefuse.alignment.output import LossOutput
+from prefuse.alignment.packing import packed_targets
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 
 HEADS = ("fused", "naive")
@@ -78,12 +83,22 @@ class PreferenceConfig(TrainingArguments):
     head: str = field(default="fused", metadata={"help": "fused (prefuse) | naive (full logits)"})
     loss_backend: str = field(default="auto", metadata={"help": "linear_logprobs backend: auto | triton | torch"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep the collators' columns"})
+    padding_free: bool = field(
+        default=False, metadata={"help": "pack each batch's sequences into one row (no padding; position_ids)"}
+    )
+    max_tokens_per_batch: int | None = field(
+        default=None, metadata={"help": "padding_free: training batches of at most this many tokens, not rows"}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         spec = get_method(self.method)
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.max_tokens_per_batch is not None and not self.padding_free:
+            raise ValueError("max_tokens_per_batch sizes packed batches: it needs padding_free=True")
+        if self.padding_free and self.head != "fused":
+            raise ValueError("padding_free=True needs head='fused' (the naive head scores padded rows only)")
         if self.precompute_ref_log_probs and spec.reference is None:
             raise ValueError(f"precompute_ref_log_probs=True, but method {self.method!r} uses no reference")
         for name, value in spec.defaults.items():
@@ -127,6 +142,13 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _packing(inputs: dict, prefix: str) -> dict:
+    """``{"position_ids", "sequence_ids"}`` of a packed row group (``prefix`` "" or "kl_"), else ``{}``."""
+    if inputs.get(f"{prefix}sequence_ids") is None:
+        return {}
+    return {"position_ids": inputs[f"{prefix}position_ids"], "sequence_ids": inputs[f"{prefix}sequence_ids"]}
 
 
 # ---------------------------------------------------------------------------------------------- naive head
@@ -207,6 +229,74 @@ def precompute_ref_logps(ref_model: nn.Module, dataset, collator, *, batch_size:
     return dataset
 
 
+CLASS_MEANS = {
+    "rewards/chosen": ("rewards/chosen_sum", "count/chosen"),
+    "rewards/rejected": ("rewards/rejected_sum", "count/rejected"),
+    "logps/chosen": ("logps/chosen_sum", "count/chosen"),
+    "logps/rejected": ("logps/rejected_sum", "count/rejected"),
+}
+"""KTO's and FactAlign's per-class means and the per-step (sum, count) they are logged from."""
+
+
+def window_metrics(stored: dict[str, list[Tensor]], accelerator=None) -> dict[str, float]:
+    """The logged value of each metric over a logging window of per-step values (one host read).
+
+    Every metric is its mean over the window's steps (and processes). The per-class means of KTO and FactAlign
+    (``CLASS_MEANS``) are logged as TRL 1.16's ``KTOTrainer`` logs them: per step ``Σ sum / Σ count`` over the
+    processes, steps without an example of the class left out (not counted as 0), then the mean over the window;
+    ``rewards/margins`` over the steps that have both classes. A class absent from the whole window is not logged.
+    """
+    keys = sorted(stored)
+    steps = [torch.stack(stored[k]) for k in keys]
+    if accelerator is not None and accelerator.num_processes > 1:
+        steps = [accelerator.reduce(v, reduction="mean") for v in steps]  # a ratio of two means is Σ / Σ
+    per_step = dict(zip(keys, steps))
+    logged = dict(zip(keys, torch.stack([v.mean() for v in steps]).tolist()))
+    classes = {name: pair for name, pair in CLASS_MEANS.items() if set(pair) <= per_step.keys()}
+    if not classes:
+        return logged
+    means = {}
+    for name, (total, count) in classes.items():
+        present = per_step[count] > 0
+        means[name] = torch.where(present, per_step[total] / per_step[count].clamp(min=1), torch.nan)
+    if "rewards/chosen" in means and "rewards/rejected" in means:
+        means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
+    for name, value in zip(means, torch.stack(list(means.values())).nanmean(-1).tolist()):
+        logged.pop(name, None)
+        if not math.isnan(value):  # NaN: no step of the window had the class
+            logged[name] = value
+    return logged
+
+
+def trl_differences(config: PreferenceConfig, tokenizer=None, dataset=None) -> list[str]:
+    """Where this trainer, with these settings, deliberately computes something else than TRL 1.16 would."""
+    notes = []
+    if config.method == "dpo" and config.loss_type == "sigmoid" and config.label_smoothing > 0:
+        notes.append("loss_type='sigmoid' with label_smoothing > 0 is conservative DPO (cDPO); TRL 1.16's sigmoid "
+                     "loss ignores label_smoothing")
+    if config.method == "dpo" and config.loss_type == "bco_pair":
+        notes.append("bco_pair shifts the rewards by their running mean (BCO's δ); TRL 1.16's bco_pair uses δ = 0")
+    columns = getattr(dataset, "column_names", None) or ()
+    if (getattr(tokenizer, "chat_template", None) is not None and "prompt" in columns and "prompt_input_ids"
+            not in columns and len(dataset) > 0 and isinstance(dataset[0]["prompt"], str)):
+        notes.append("plain-text prompts are rendered with the tokenizer's chat template; TRL applies it to "
+                     "conversational data only")
+    return notes
+
+
+_NOTED: set[str] = set()
+
+
+def _note_trl_differences(notes: list[str]) -> None:
+    """Say once per process which deliberate differences from TRL 1.16 these settings meet."""
+    message = "PreferenceTrainer differs from TRL 1.16 on purpose here: " + "; ".join(notes)
+    if notes and message not in _NOTED:
+        _NOTED.add(message)
+        from transformers.utils import logging
+
+        logging.get_logger(__name__).warning(message)
+
+
 class PreferenceTrainer(Trainer):
     """``transformers.Trainer`` for prefuse's preference losses (module docstring).
 
@@ -256,6 +346,7 @@ class PreferenceTrainer(Trainer):
         self.head_options = options
         self.loss_module = loss if loss is not None else build_loss(args, **options)
         self.vocab_size = model.get_input_embeddings().num_embeddings  # token ids of tokenised data must fit
+        _note_trl_differences(trl_differences(args, processing_class, train_dataset))
 
         if train_dataset is not None:
             train_dataset = self._prepare_dataset(train_dataset, processing_class, args)
@@ -301,8 +392,23 @@ class PreferenceTrainer(Trainer):
                 self.eval_dataset = self._precompute(source, self.eval_dataset)
         elif ref_model is not None:
             self.ref_model = freeze(ref_model).to(self.args.device)
+        if args.padding_free:  # after precomputing, which runs the collator's padded rows
+            self.data_collator = PackedCollator(self.data_collator)
 
     # ------------------------------------------------------------------------------------------ data
+    def get_train_dataloader(self):
+        """The base class's loader, or with ``max_tokens_per_batch`` batches sized by their token count
+        (``TokenBudgetBatchSampler``, reshuffled every epoch from the config's seed)."""
+        if self.args.max_tokens_per_batch is None:
+            return super().get_train_dataloader()
+        dataset = self.train_dataset
+        lengths = [example_tokens(dataset[i]) for i in range(len(dataset))]
+        sampler = TokenBudgetBatchSampler(lengths, self.args.max_tokens_per_batch, seed=self.args.seed)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers,
+                            pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
+
     def _prepare_dataset(self, dataset, processing_class, args):
         from prefuse.alignment.data import tokenize_preference_data
         from prefuse.alignment.data.processing import unpair
@@ -347,29 +453,37 @@ class PreferenceTrainer(Trainer):
     # ------------------------------------------------------------------------------------------ loss
     def _policy_and_reference(self, model: nn.Module, inputs: dict, prefix: str = "") -> tuple:
         """``(policy CausalLMHead, reference kwargs for the loss)`` for the rows ``{prefix}input_ids``."""
-        ids, mask = inputs[f"{prefix}input_ids"], inputs[f"{prefix}attention_mask"]
+        ids, mask = inputs[f"{prefix}input_ids"], inputs.get(f"{prefix}attention_mask")
+        packing = _packing(inputs, prefix)
+        body = {"position_ids": packing["position_ids"]} if packing else {}
         grad = prefix == "" and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad):  # KL rows: z is detached, no backward through them
-            policy = forward_hidden(model, ids, mask)
+            policy = forward_hidden(model, ids, mask, **body)
         if self.spec.reference is None:
             return policy, {}
         ref_name = "ref_logps" if prefix == "" else "ref_kl_logps"
         if ref_name in inputs:
             return policy, {ref_name: inputs[ref_name]}
-        return policy, {ref_name: self._reference_logps(model, ids, mask, inputs[f"{prefix}labels"])}
+        return policy, {ref_name: self._reference_logps(model, ids, mask, inputs[f"{prefix}labels"], packing)}
 
-    def _reference_logps(self, model, ids, mask, labels) -> Tensor:
-        """Per-token reference log-probs ``(rows, T-1)``, computed in the reference head's own forward (so a
-        sharded reference head is gathered for it) and handed to the loss as ``ref_logps``."""
+    def _reference_logps(self, model, ids, mask, labels, packing: dict) -> Tensor:
+        """Per-token reference log-probs ``(rows, T-1)`` (a packed row: ``(1, N)`` in the packed layout),
+        computed in the reference head's own forward (so a sharded reference head is gathered for it) and
+        handed to the loss as ``ref_logps``."""
         if self.ref_source == "precomputed":
             raise ValueError("precompute_ref_log_probs=True but the batch has no precomputed reference log-probs")
+        ignore = self.loss_module.ignore_index
+        body = {"position_ids": packing["position_ids"]} if packing else {}
         with torch.no_grad():
             if self.ref_model is not None:
-                ref = forward_hidden(self.ref_model, ids, mask)
+                ref = forward_hidden(self.ref_model, ids, mask, **body)
             else:
                 with adapter_disabled(model):
-                    ref = forward_hidden(model, ids, mask)
-            return ref.logprobs(labels, ignore_index=self.loss_module.ignore_index, backend=self.args.loss_backend)
+                    ref = forward_hidden(model, ids, mask, **body)
+            if packing:
+                targets = packed_targets(labels, packing["sequence_ids"], ignore_index=ignore)
+                return ref.logprobs(targets, shift=False, ignore_index=ignore, backend=self.args.loss_backend)
+            return ref.logprobs(labels, ignore_index=ignore, backend=self.args.loss_backend)
 
     def _batch_kwargs(self, inputs: dict, *, shifted: bool) -> dict:
         """The method's batch tensors for the loss (``token_keys`` shifted like the log-probs when ``shifted``)."""
@@ -386,10 +500,14 @@ class PreferenceTrainer(Trainer):
             return self._naive_loss(model, inputs)
         policy, ref = self._policy_and_reference(model, inputs)
         kwargs = {**ref, **self._batch_kwargs(inputs, shifted=False)}
+        if "sequence_ids" in inputs:
+            kwargs["sequence_ids"] = inputs["sequence_ids"]
         if self.spec.kl_rows:
             # the KL rows go through the same head (the policy's weight) within the same call
             kl_policy, kl_ref = self._policy_and_reference(model, inputs, prefix="kl_")
             kwargs.update(kl_hidden=kl_policy.hidden, kl_labels=inputs["kl_labels"], **kl_ref)
+            if "kl_sequence_ids" in inputs:
+                kwargs["kl_sequence_ids"] = inputs["kl_sequence_ids"]
         # the loss runs inside the policy head's forward (CausalLMHead.apply): a sharded head is gathered for it
         return policy.apply(self.loss_module, inputs["labels"], **kwargs)
 
@@ -448,13 +566,9 @@ class PreferenceTrainer(Trainer):
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         stored = self._metrics[mode]
         if stored:
-            keys = sorted(stored)
-            means = torch.stack([torch.stack(stored[k]).mean() for k in keys])
-            if self.accelerator.num_processes > 1:
-                means = self.accelerator.reduce(means, reduction="mean")
             prefix = "eval_" if mode == "eval" else ""
-            logs.update({prefix + k: v for k, v in zip(keys, means.tolist())})  # in place: evaluate() returns it
-            stored.clear()
+            logs.update({prefix + k: v for k, v in window_metrics(stored, self.accelerator).items()})
+            stored.clear()  # logs is updated in place: evaluate() returns it
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -467,28 +581,44 @@ class PreferenceTrainer(Trainer):
     # a PEFT base (adapter disabled) is the caller's and is not saved: pass the same one when resuming;
     # precomputed reference log-probs are recomputed at construction from the model (or ``ref_model``) given,
     # so build the resumed trainer from the initial policy, or pass the data set with its reference columns.
+    # A checkpoint counts once its manifest is written, after every file of every process
+    # (``prefuse.alignment.checkpoints``): resuming and rotation only ever see complete checkpoints.
     PREFUSE_STATE_NAME = "prefuse_state.pt"
     REFERENCE_WEIGHTS_NAME = "reference_model.safetensors"
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """``Trainer.train``; resuming first restores prefuse's checkpoint state (reference, SamPO stream)."""
+        """``Trainer.train``; resuming takes the newest complete checkpoint (``True``) or checks the one given,
+        then restores prefuse's checkpoint state (reference, SamPO stream) before the base class resumes."""
         if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+            resume_from_checkpoint = checkpoints.last_complete(self.args.output_dir)
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
-            self._load_prefuse_state(os.fspath(resume_from_checkpoint))
+            resume_from_checkpoint = os.fspath(resume_from_checkpoint)
+            checkpoints.verify(resume_from_checkpoint)
+            self._load_prefuse_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        """The base class's checkpoint, prefuse's state, then -- once every process is done -- the manifest that
+        makes it complete, and only then the rotation (``save_total_limit``) among complete checkpoints."""
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        self._save_prefuse_state(os.path.join(self._get_output_dir(trial=trial), folder))
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            checkpoints.unmark(folder)  # a step saved again is incomplete until its new manifest
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # the base class would rotate before this checkpoint is complete
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self._save_prefuse_state(folder)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            checkpoints.mark_complete(folder, self.state.global_step)
+            checkpoints.rotate(run_dir, limit, keep=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
 
     def _prefuse_state_file(self, checkpoint: str) -> str:
         name = self.PREFUSE_STATE_NAME
@@ -521,23 +651,21 @@ class PreferenceTrainer(Trainer):
     def _load_prefuse_state(self, checkpoint: str) -> None:
         path = self._prefuse_state_file(checkpoint)
         if not os.path.isfile(path):
-            warnings.warn(f"{checkpoint} has no {os.path.basename(path)} (not written by PreferenceTrainer): the "
-                          "reference and SamPO's sampling stream are not restored", stacklevel=3)
-            return
-        state = torch.load(path, weights_only=True)
+            raise ValueError(f"the checkpoint {checkpoint} has no {os.path.basename(path)}: it was saved by another "
+                             f"number of processes than this run's {self.args.world_size}")
+        state = checkpoints.load_state(path)
         if state.get("method") != self.method:
             raise ValueError(f"the checkpoint {checkpoint} was trained with method {state.get('method')!r}, this "
                              f"trainer runs {self.method!r}")
         if self.ref_source == "copy":
             weights = os.path.join(checkpoint, self.REFERENCE_WEIGHTS_NAME)
             if os.path.isfile(weights):
-                from safetensors.torch import load_model
-
-                load_model(self.ref_model, weights, device=str(self.args.device))
+                checkpoints.load_weights(self.ref_model, weights, str(self.args.device))
                 self._reference_weights_file = None
             else:
-                warnings.warn(f"{checkpoint} has no {self.REFERENCE_WEIGHTS_NAME}: the reference is the copy of "
-                              "the model this trainer was built with", stacklevel=3)
+                warnings.warn(f"{checkpoint} has no {self.REFERENCE_WEIGHTS_NAME} (its reference was "
+                              f"{state.get('ref_source')!r}): the reference is the copy of the model this trainer "
+                              "was built with", stacklevel=3)
         elif state.get("ref_source") != self.ref_source:
             warnings.warn(f"the checkpoint's reference was {state.get('ref_source')!r}, this trainer's is "
                           f"{self.ref_source!r}: the resumed losses differ from an uninterrupted run", stacklevel=3)

@@ -1,4 +1,4 @@
-"""prefuse's benchmark suite: prefuse against naive PyTorch, Liger-Kernel and Cut Cross-Entropy.
+"""prefuse's benchmark suite: prefuse against naive PyTorch, TRL's fused head, Liger-Kernel and Cut Cross-Entropy.
 
 Run from the repository root (this folder is not part of the installed package)::
 
@@ -11,10 +11,10 @@ Modules, in the order data flows through them:
 
 - ``plan``: heads (D, V, dtype, softcap), sweeps of token counts, the presets per device;
 - ``inputs``: reproducible inputs of one case (hidden states, heads, labels, KL rows, sentences, win rates);
-- ``providers``: per-token log-prob providers (naive full logits, Cut Cross-Entropy, Liger's fused linear
-  cross-entropy, the float64 reference);
+- ``providers``: per-token log-prob providers (naive full logits, TRL's fused head, Cut Cross-Entropy, Liger's
+  fused linear cross-entropy, the float64 reference);
 - ``formulas``: each workload's loss written on top of a provider (the "naive" contenders and the reference);
-- ``contenders``: the callables compared per workload (naive, Liger-Kernel, Cut Cross-Entropy, prefuse);
+- ``contenders``: the callables compared per workload (naive, TRL, Liger-Kernel, Cut Cross-Entropy, prefuse);
 - ``measure``: one measurement (time of forward+backward, peak memory, the output checked for errors);
 - ``runner``: runs a plan (a fresh subprocess per measurement on CPU), computes the errors;
 - ``report``, ``plots``, ``environment``: JSON, Markdown table and PNG plots under ``results/<device>/``.

@@ -31,8 +31,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Benchmark prefuse against naive PyTorch, Liger-Kernel and Cut Cross-Entropy: time of "
-                    "forward+backward, peak memory and error against float64, over a sweep of token counts.",
+        description="Benchmark prefuse against naive PyTorch, TRL's fused head, Liger-Kernel and Cut Cross-Entropy: "
+                    "time of forward+backward, peak memory and error against float64, over a sweep of token counts.",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="device to measure on (default: cuda if available, else cpu); picks the shapes")

@@ -10,6 +10,9 @@ log-probs of the core op); the harness adds the backward. A contender that canno
   the core op, its fused linear cross-entropy with ``reduction="none"`` (Triton: CUDA only). Liger has no
   SamPO, FactAlign, soft-win-rate SPPO, softcap in its chunked losses, nor KL rows for KTO: its KTO gets the
   reference point ``kl`` computed from the KL rows with Liger's own chunk forward.
+- ``trl``: TRL 1.16's fused head (``ChunkedLogProbFunction``, as ``add_fused_lm_head`` calls it on that device:
+  scored rows only on CUDA, every row on CPU) as the per-token log-prob provider of the workload's formula -- what
+  TRL's DPO and KTO trainers run (when ``trl`` is installed).
 - ``cce``: Cut Cross-Entropy's ``linear_cross_entropy(reduction="none")`` as the per-token log-prob provider of
   the workload's formula (CUDA only; when ``cut-cross-entropy`` is installed).
 - ``prefuse``: ``prefuse.kernels.linear_logprobs`` for the core op, the ``prefuse.alignment`` loss modules
@@ -72,6 +75,8 @@ def unavailable_reason(case: Case, contender: str) -> str | None:
         name = PREFUSE_LOSSES[workload]
         module = importlib.import_module("prefuse.alignment")
         return None if hasattr(module, name) else f"prefuse.alignment.{name} does not exist yet"
+    if contender == "trl":
+        return None if _installed("trl.kernels.chunked_logprob") else "trl is not installed"
     if contender == "cce":
         if not cuda:
             return "Cut Cross-Entropy is Triton-only (needs CUDA)"
@@ -91,13 +96,18 @@ def unavailable_reason(case: Case, contender: str) -> str | None:
     return f"unknown contender {contender!r}"
 
 
-# ------------------------------------------------------------------------------------------- naive / CCE
+# ------------------------------------------------------------------------------------- naive / CCE / TRL
 def _naive(batch: Batch) -> Forward:
     return partial(formulas.FORMULAS[batch.case.workload], batch, providers.naive_logps)
 
 
 def _cce(batch: Batch) -> Forward:
     return partial(formulas.FORMULAS[batch.case.workload], batch, providers.cce_logps)
+
+
+def _trl(batch: Batch) -> Forward:
+    providers.import_trl_utils()  # imported here, not in the first (memory-measured) step
+    return partial(formulas.FORMULAS[batch.case.workload], batch, providers.trl_logps)
 
 
 # ------------------------------------------------------------------------------------------------ Liger
@@ -175,6 +185,7 @@ BUILDERS: dict[str, Callable[[Batch], Forward]] = {
     "liger": partial(_liger, compiled=False),
     "liger-compiled": partial(_liger, compiled=True),
     "cce": _cce,
+    "trl": _trl,
     "prefuse-op": partial(_prefuse, path="op"),
     "prefuse": _prefuse,
 }

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-PACKAGES = ("torch", "triton", "liger-kernel", "cut-cross-entropy", "prefuse", "numpy", "matplotlib")
+PACKAGES = ("torch", "triton", "trl", "liger-kernel", "cut-cross-entropy", "prefuse", "numpy", "matplotlib")
 
 
 def cpu_model() -> str:

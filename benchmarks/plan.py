@@ -17,7 +17,7 @@ from dataclasses import dataclass
 WORKLOADS = ("logprobs", "dpo", "sampo", "kto", "factalign", "sppo")
 """Every workload, in report order: the core op, then the losses."""
 
-CONTENDERS = ("naive", "liger", "liger-compiled", "cce", "prefuse-op", "prefuse")
+CONTENDERS = ("naive", "trl", "liger", "liger-compiled", "cce", "prefuse-op", "prefuse")
 """Every contender, in table order; ``prefuse`` last (the ratio columns compare it with the others).
 ``prefuse-op`` is a loss module on its op path (``path="op"``: ``linear_logprobs``, 4 GEMMs per policy token)
 beside ``prefuse``'s default, the loss-fused path (3 GEMMs), on the DPO and KTO workloads."""
@@ -202,7 +202,7 @@ PRESETS: dict[str, Preset] = {
         ((CPU_HEAD, _standard_sweeps(rows=(4, 8, 16), kto_rows=(2, 4, 8), point=4, small=2, seq_len=512,
                                      dpo_prompt_0=False)),),
         Timing(warmup=1, min_repeats=2, max_repeats=10, min_time_s=2.0, max_time_s=6.0, timeout_s=900.0),
-        contenders=("naive", "liger", "cce", "prefuse-op", "prefuse"),
+        contenders=("naive", "trl", "liger", "cce", "prefuse-op", "prefuse"),
         errors_at="smallest",
     ),
     "cpu-quick": Preset(
@@ -219,7 +219,7 @@ PRESETS: dict[str, Preset] = {
             Sweep("sppo", (2,), 256),
         )),),
         Timing(warmup=1, min_repeats=2, max_repeats=5, min_time_s=0.5, timeout_s=600.0),
-        contenders=("naive", "liger", "cce", "prefuse-op", "prefuse"),
+        contenders=("naive", "trl", "liger", "cce", "prefuse-op", "prefuse"),
     ),
     "cuda": Preset(
         "cuda", "cuda",
@@ -264,7 +264,7 @@ def smoke_preset(device: str = "cpu") -> Preset:
         f"{device}-smoke", device, "smoke pass: tiny shapes (D=64, V=512, 32-token sequences)",
         ((TINY_HEAD, sweeps), (TINY_SOFTCAP_HEAD, (Sweep("logprobs", (2,), 32), Sweep("dpo", (2,), 32)))),
         Timing(warmup=1, min_repeats=1, max_repeats=2, min_time_s=0.0, timeout_s=300.0),
-        contenders=("naive", "liger", "cce", "prefuse-op", "prefuse"),
+        contenders=("naive", "trl", "liger", "cce", "prefuse-op", "prefuse"),
     )
 
 

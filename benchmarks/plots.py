@@ -9,10 +9,11 @@ from benchmarks.plan import CONTENDERS
 
 STYLE = {
     "naive": ("tab:gray", "o"),
+    "trl": ("tab:purple", "v"),
     "liger": ("tab:orange", "s"),
     "liger-compiled": ("tab:red", "D"),
     "cce": ("tab:green", "^"),
-    "prefuse-op": ("tab:purple", "v"),
+    "prefuse-op": ("tab:cyan", "x"),
     "prefuse": ("tab:blue", "*"),
 }
 

@@ -172,7 +172,7 @@ def _repeats_text(timing: dict) -> str:
 
 def _versions_line(meta: dict) -> str:
     v = meta["versions"]
-    names = ["torch", "triton", "liger-kernel", "cut-cross-entropy", "prefuse"]
+    names = ["torch", "triton", "trl", "liger-kernel", "cut-cross-entropy", "prefuse"]
     parts = [f"{n} {v.get(n) or 'not installed'}" for n in names]
     return ", ".join(parts) + f", Python {v['python']}"
 

@@ -24,7 +24,8 @@ from benchmarks.accuracy import error_of, reference_output
 from benchmarks.measure import measure
 from benchmarks.plan import Case, Timing
 
-PRELOAD = ["torch", "benchmarks.measure", "prefuse.kernels", "prefuse.alignment", "liger_kernel.chunked_loss"]
+PRELOAD = ["torch", "benchmarks.measure", "prefuse.kernels", "prefuse.alignment", "liger_kernel.chunked_loss",
+           "trl.kernels.chunked_logprob"]
 """Modules the forkserver imports once (a missing one is skipped)."""
 
 Log = Callable[[str], None]

@@ -10,15 +10,34 @@ Markers (kept in step with CMakeLists.txt's CTest labels):
 ``python -m pytest -m "not slow"`` is the quick inner loop; CI runs everything.
 """
 
+import atexit
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# Everything the tests and their subprocesses cache goes into one temporary folder of this run, removed at exit:
+# nothing is written into ~/.cache or a shared place, and a run killed mid-build (a JIT extension's lock, a
+# half-written Triton cache entry) cannot break the next run, which starts from a fresh folder.
+_CACHE = tempfile.mkdtemp(prefix="prefuse-tests-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+for _name, _sub in (
+    ("TORCH_EXTENSIONS_DIR", "torch_extensions"),  # DeepSpeed's JIT-built ops
+    ("TRITON_CACHE_DIR", "triton"),
+    ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
+    ("HF_HOME", "huggingface"),
+    ("HF_DATASETS_CACHE", "huggingface/datasets"),
+    ("MPLCONFIGDIR", "matplotlib"),
+    ("XDG_CACHE_HOME", "xdg"),
+):
+    os.environ[_name] = os.path.join(_CACHE, _sub)
+
 # `python -m pytest` puts the checkout root on sys.path. transformers probes for the PyPI package `kernels` and
 # would find the repo-root folder `kernels/`, which refuses that name: keep the root off sys.path ...
 sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != ROOT]

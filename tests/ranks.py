@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+from processes import kill_group
 
 WORLD = 2
 LAUNCH_TIMEOUT_S = 180
@@ -22,6 +23,7 @@ LAUNCH_TIMEOUT_S = 180
 def _entry(rank: int, world: int, init_file: str, out_dir: str, fn, args: tuple) -> None:
     import torch.distributed as dist
 
+    os.setsid()  # a session of its own: a timeout kills the rank with whatever it started (a compiler ...)
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -40,7 +42,8 @@ def run_ranks(fn, *args, world: int = WORLD, timeout: float = LAUNCH_TIMEOUT_S) 
     """``[fn(rank, world, *args) for each rank]``, each run in its own spawned process of a gloo group.
 
     A rank that raises fails the test with its traceback; a launch still running after ``timeout`` seconds is
-    killed and fails the test (a collective that never completes)."""
+    killed with everything each rank started (its session) and fails the test (a collective that never
+    completes)."""
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.start_processes(
             _entry,
@@ -56,6 +59,7 @@ def run_ranks(fn, *args, world: int = WORLD, timeout: float = LAUNCH_TIMEOUT_S) 
                     pytest.fail(f"{world} gloo ranks still running after {timeout:.0f} s: a hang")
         finally:
             for process in ctx.processes:
+                kill_group(process.pid)
                 if process.is_alive():
                     process.kill()
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]

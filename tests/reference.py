@@ -191,20 +191,17 @@ SMOOTHING = {"sigmoid": 0.1, "robust": 0.1, "exo_pair": 0.05}
 def naive_dpo(pc, pr, rc, rr, lc, lr, *, beta, loss_type, eps=0.0, tau=0.05, delta=None):
     """TRL's per-pair DPO losses in float64, written out formula by formula."""
     sig = torch.sigmoid
-    if loss_type == "ipo":  # TRL: per-token averages of every log-prob
-        pc, pr, rc, rr = pc / lc, pr / lr, rc / lc, rr / lr
     dc, dr = pc - rc, pr - rr
     x = beta * (dc - dr)
     if loss_type == "sigmoid":
         losses = -(1 - eps) * logsig(x) - eps * logsig(-x)
-    elif loss_type == "ipo":
-        losses = ((dc - dr) - 1 / (2 * beta)) ** 2
+    elif loss_type == "ipo":  # TRL: the loss on per-token averages (its metrics stay on the sums)
+        losses = ((dc / lc - dr / lr) - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
         losses = torch.clamp(1 - x, min=0)
     elif loss_type == "robust":
         losses = ((1 - eps) * -logsig(x) - eps * -logsig(-x)) / (1 - 2 * eps)
     elif loss_type == "exo_pair":
-        eps = eps or 1e-3
         losses = sig(x) * (logsig(x) - math.log(1 - eps)) + sig(-x) * (logsig(-x) - math.log(eps))
     elif loss_type == "nca_pair":
         losses = -logsig(beta * dc) - 0.5 * logsig(-beta * dc) - 0.5 * logsig(-beta * dr)
@@ -331,8 +328,8 @@ def naive_factalign(
         kl_pol = torch.stack([ktok[ksid == s].sum() for s in kl_ids])
         kl_ref = torch.stack([krtok[ksid == s].sum() for s in kl_ids])
         z_fg = torch.clamp((kl_pol - kl_ref).mean(), min=0)
-        metrics["fg_logps/policy_kl"] = kl_pol.mean()
-        metrics["fg_logps/reference_kl"] = kl_ref.mean()
+        metrics["fg_logps/policy_KL"] = kl_pol.mean()
+        metrics["fg_logps/reference_KL"] = kl_ref.mean()
     d_s = pol_s - ref_s
     terms = [
         fwd * (1 - torch.sigmoid(fg_beta * (d_s[s] - z_fg)))

@@ -2,11 +2,11 @@
 spills or needs more shared memory than an H100 block has fails it."""
 
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import processes
 import pytest
 
 from benchmarks import aot
@@ -61,7 +61,7 @@ def test_a_spilling_or_oversized_variant_fails_the_gate(tmp_path):
     accumulator on one warp spills, the 256x256 dot needs 256 KiB of shared memory; the gate exits 1."""
     (tmp_path / "toy_aot_kernels.py").write_text(TOY_MODULE)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-m", "benchmarks.aot", "--modules", "toy_aot_kernels", "--jobs", "1"],
+    run = processes.run([sys.executable, "-m", "benchmarks.aot", "--modules", "toy_aot_kernels", "--jobs", "1"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert run.returncode == 1, run.stdout + run.stderr
     rows = {

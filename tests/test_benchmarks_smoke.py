@@ -10,10 +10,10 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import processes
 import pytest
 import torch
 
@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow  # runs the benchmark suite in subprocesses: CI ru
 REPO = Path(__file__).resolve().parents[1]
 
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
+HAS_TRL = importlib.util.find_spec("trl") is not None
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 MIB = 2**20
 
@@ -76,6 +77,8 @@ def test_contenders_run_where_they_exist_and_say_why_not(smoke_results):
             assert (rec["status"] == "ok") == (workload in ("dpo", "kto")), (workload, rec.get("reason"))
             if rec["status"] != "ok":
                 assert rec["reason"]
+        elif contender == "trl":  # TRL's own head runs every workload, on CPU too
+            assert rec["status"] == ("ok" if HAS_TRL else "skipped"), (workload, head, rec.get("reason"))
         elif contender == "cce":  # Triton-only: a CPU run says so
             assert rec["status"] == "skipped" and "CUDA" in rec["reason"]
         elif contender == "liger":
@@ -101,6 +104,8 @@ def test_report_files_from_results(smoke_results, tmp_path):
     assert "Peak-memory growth per 1,000 tokens" in text
     if HAS_LIGER:
         assert "prefuse/liger" in text
+    if HAS_TRL:
+        assert "prefuse/trl" in text
     data = json.loads(paths["json"].read_text())
     assert len(data["results"]) == len(smoke_results)
     pngs = sorted(tmp_path.glob("*.png"))
@@ -128,7 +133,7 @@ def test_measurement_in_a_fresh_process_grows_with_tokens():
 
 
 def test_command_line_writes_json_markdown_and_plots(tmp_path):
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, "-m", "benchmarks", "--device", "cpu", "--smoke", "--only", "dpo",
          "--out", str(tmp_path)],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600, check=False,
@@ -138,7 +143,7 @@ def test_command_line_writes_json_markdown_and_plots(tmp_path):
     assert out_dir.name.startswith("cpu-")
     data = json.loads((out_dir / "results.json").read_text())
     meta = data["meta"]
-    for key in ("python", "torch", "triton", "liger-kernel", "cut-cross-entropy"):
+    for key in ("python", "torch", "triton", "trl", "liger-kernel", "cut-cross-entropy"):
         assert key in meta["versions"]
     assert meta["cpu_model"] and meta["device_name"] and meta["memory_method"].startswith("peak RSS of a fresh")
     assert {r["workload"] for r in data["results"]} == {"dpo"}
@@ -150,9 +155,9 @@ def test_command_line_writes_json_markdown_and_plots(tmp_path):
 
 def test_pytest_benchmark_entry_collects_and_runs():
     pytest.importorskip("pytest_benchmark")
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-disable", "-q", "-p", "no:cacheprovider",
-         "-k", "tiny-d64-v512 and (naive or prefuse) and not fwd-prompt"],
+         "-k", "tiny-d64-v512 and (naive or trl or prefuse) and not fwd-prompt"],
         cwd=REPO, env={**_env(), "PREFUSE_BENCH_PRESET": "smoke"}, capture_output=True, text=True, timeout=600,
         check=False,
     )

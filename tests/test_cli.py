@@ -1,11 +1,11 @@
 """The ``prefuse`` command: argument errors, version, the lm-head comparison, progress lines and the report."""
 
 import json
-import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
+import processes
 import pytest
 import torch
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _prefuse(*args, cwd, timeout=900):
-    return subprocess.run(
+    return processes.run(
         [sys.executable, "-m", "prefuse", *args],
         cwd=cwd,
         capture_output=True,
@@ -78,6 +78,7 @@ def test_output_dir_that_is_a_file_is_a_usage_error(capsys, tmp_path):
     assert "exists and is not a directory" in _usage_error(capsys, "--output-dir", str(target))
 
 
+@pytest.mark.slow  # a `prefuse` subprocess
 def test_a_usage_error_from_the_command_line_has_no_traceback(tmp_path):
     done = _prefuse("--loss-type", "bogus", cwd=tmp_path)
     assert done.returncode == 2
@@ -86,6 +87,7 @@ def test_a_usage_error_from_the_command_line_has_no_traceback(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- version
+@pytest.mark.slow  # `prefuse` subprocesses
 def test_version_everywhere_is_the_installed_metadata(tmp_path):
     import prefuse
 
@@ -95,6 +97,7 @@ def test_version_everywhere_is_the_installed_metadata(tmp_path):
     assert done.stdout.strip() == f"prefuse {version('prefuse')}"
 
 
+@pytest.mark.slow  # a `python -m prefuse` subprocess
 def test_python_m_prefuse_is_the_prefuse_command_from_the_repo_root():
     done = _prefuse(
         "--help", cwd=ROOT

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -486,6 +487,60 @@ def test_vocab_parallel_triton_backend_under_interpreter():
     names = ["plain", "bias-shift", "reversed-shards"]
     ranks = run_ranks(_vp_worker, "triton", names)
     _check_vocab_parallel(ranks, names, "triton")
+
+
+def _vp_faults_worker(rank: int, world: int) -> dict:
+    """Mistakes on ONE rank (or that differ between the ranks): each call must raise on every rank."""
+    hidden, weight, targets, _, _, _, _, _ = vp_inputs("plain")
+    start, end = vp_shard("plain", rank)
+    vocab = weight.shape[0]
+    other = targets.clone()
+    other[0, 1] = (other[0, 1] + 1) % vocab  # one id differs on rank 1
+    cases = {
+        "bad-option": {"temperature": 0.0 if rank == 1 else 1.0},
+        "empty-shard": {"weight": weight[start:end] if rank == 0 else weight[:0], "vocab_start": 0 if rank == 0
+                        else vocab},
+        "bad-dtype": {"targets": targets.float() if rank == 1 else targets},
+        "targets-differ": {"targets": other if rank == 1 else targets},
+        "shift-differs": {"shift": rank == 1},
+        "softcap-differs": {"softcap": 5.0 if rank == 1 else None},
+    }  # fmt: skip
+    errors = {}
+    for name, change in cases.items():
+        kwargs = {"weight": weight[start:end], "targets": targets, "vocab_start": start, **change}
+        try:
+            vocab_parallel_linear_logprobs(
+                hidden,
+                kwargs.pop("weight"),
+                kwargs.pop("targets"),
+                vocab_size=vocab,
+                backend="torch",
+                **kwargs,
+            )
+        except ValueError as err:
+            errors[name] = str(err)
+    return errors
+
+
+def test_vocab_parallel_mistakes_on_one_rank_stop_every_rank():
+    """A bad option, an empty shard or a bad dtype on one rank, or targets / options that differ between ranks:
+    a ValueError on every rank before the op's collectives (none left waiting for the others), naming the
+    argument; the failing rank raises its own message and the others quote it."""
+    ranks = run_ranks(_vp_faults_worker, timeout=120)
+    expected = {
+        "bad-option": "temperature must be finite and > 0",
+        "empty-shard": r"weight has an empty vocabulary",
+        "bad-dtype": "targets must be an integer tensor",
+        "targets-differ": r"targets must be replicated .* the ranks' targets differ",
+        "shift-differs": r"shift must be the same on every rank .* \[0, 1\]",
+        "softcap-differs": r"softcap must be the same on every rank .* \[None, 5\.0\]",
+    }
+    for rank, errors in enumerate(ranks):
+        assert set(errors) == set(expected), (rank, errors)
+        for name, pattern in expected.items():
+            assert re.search(pattern, errors[name]), (rank, name, errors[name])
+    for name in ("bad-option", "empty-shard", "bad-dtype"):  # rank 1 failed on its own; rank 0 quotes it
+        assert "rank 1 of the process group" in ranks[0][name] and "rank 1" not in ranks[1][name]
 
 
 # ----------------------------------------------------------------------------------------------- one process

@@ -2,10 +2,10 @@
 estimate (``triton_configs``), and ``benchmarks/gpu_session.sh`` with stub tools."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import processes
 import pytest
 from prefuse.kernels.linear_logprobs import triton_configs as cfg
 
@@ -154,7 +154,7 @@ def test_gpu_session_runs_every_step_and_reports_a_failure(tmp_path):
     stub.chmod(0o755)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": str(stub), "CALLS": str(tmp_path / "calls")}
-    run = subprocess.run(["bash", str(SCRIPT), str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+    run = processes.run(["bash", str(SCRIPT), str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=120)  # fmt: skip
     assert run.returncode == 1, run.stdout + run.stderr  # the failing pytest step
     calls = (tmp_path / "calls").read_text()

@@ -82,19 +82,14 @@ def test_dpo_nll_weight_adds_chosen_token_nll():
     torch.testing.assert_close(out.metrics["nll_loss"].double(), nll.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_dpo_exo_pair_zero_smoothing_uses_trl_default():
-    policy, ref, labels = batch(41)
-    out = DPOLoss(loss_type="exo_pair", backend="torch")(
-        policy.h32,
-        policy.w32,
-        labels,
-        bias=policy.b32,
-        ref_hidden=ref.h32,
-        ref_weight=ref.w32,
-        ref_bias=ref.b32,
-    )
-    loss64, _ = naive_dpo(*naive_sums(policy, ref, labels), beta=0.1, loss_type="exo_pair", eps=1e-3)
-    assert_loss_and_grads(out.loss, loss64, policy)
+def test_dpo_exo_pair_refuses_zero_smoothing_as_trl():
+    """EXO's loss has ``log ε``: ε = 0 is refused (TRL raises too) instead of silently taking another value."""
+    for make in (
+        lambda: DPOLoss(loss_type="exo_pair", backend="torch"),
+        lambda: PF.dpo_loss(*[torch.zeros(2)] * 4, loss_type="exo_pair"),
+    ):
+        with pytest.raises(ValueError, match="label_smoothing must be > 0"):
+            make()
 
 
 def test_dpo_reference_forms_agree():
@@ -243,7 +238,7 @@ def _compare_with_liger(loss, policy: Head, liger_loss, liger_grads):
 @pytest.mark.parametrize("loss_type", LIGER_TYPES)
 def test_dpo_matches_liger(loss_type):
     """Same loss and grads as Liger-Kernel. Conventions: Liger's ``sigmoid`` ignores ``label_smoothing``
-    (so ε = 0 here); its ``exo_pair`` requires ε > 0 (TRL and we default 0 to 1e-3, so we pass 1e-3)."""
+    (so ε = 0 here); its ``exo_pair`` requires ε > 0 (as TRL and prefuse do; 1e-3 here)."""
     policy, ref, labels = batch(60 + LIGER_TYPES.index(loss_type))
     eps = {"robust": 0.1, "exo_pair": 1e-3}.get(loss_type, 0.0)
     beta = 0.5 if loss_type == "sppo_hard" else 0.1

@@ -32,7 +32,7 @@ FG_METRICS = {
     "fg_logps/policy_rejected",
     "fg_logps/reference_rejected",
 }
-FG_KL_METRICS = {"fg_logps/policy_kl", "fg_logps/reference_kl"}
+FG_KL_METRICS = {"fg_logps/policy_KL", "fg_logps/reference_KL"}
 
 
 class Batch:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import processes
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +19,7 @@ def _run_at_root(code: str, tmp_path: Path, timeout: int = 900) -> subprocess.Co
     """``code`` in a fresh interpreter whose working directory is the repository root (as after the README's
     commands), the temporary folder of ``tmp_path`` as ``TMPDIR`` (the blocks write only there)."""
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    return subprocess.run(
+    return processes.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
         env=env,
@@ -30,6 +31,7 @@ def _run_at_root(code: str, tmp_path: Path, timeout: int = 900) -> subprocess.Co
 
 
 # ---------------------------------------------------------------------------------------------- the root
+@pytest.mark.slow  # a subprocess importing transformers, trl and peft
 def test_the_ecosystem_imports_from_the_repository_root(tmp_path):
     """transformers probes for PyPI's ``kernels`` (its hub kernels); from the root it finds the ``kernels/``
     folder, which must read as "not installed" and never as prefuse.kernels."""
@@ -49,13 +51,14 @@ def test_the_ecosystem_imports_from_the_repository_root(tmp_path):
     assert done.stdout.strip() == "ok"
 
 
+@pytest.mark.slow  # a subprocess importing transformers
 def test_the_root_folder_steps_aside_for_an_installed_kernels(tmp_path):
     """With a real ``kernels`` distribution further down ``sys.path``, the root folder hands the name to it."""
     fake = tmp_path / "site" / "kernels"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("__version__ = '0.9.0'\nWHO = 'the installed kernels'\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
-    done = subprocess.run(
+    done = processes.run(
         [sys.executable, "-c", "import kernels, prefuse.kernels; print(kernels.WHO)"],
         cwd=ROOT,
         env=env,

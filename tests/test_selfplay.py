@@ -3,9 +3,9 @@ formulas, the resumable loop against an uninterrupted run, and the ``prefuse sel
 
 import json
 import os
-import subprocess
 import sys
 
+import processes
 import pytest
 import torch
 from datasets import load_from_disk
@@ -289,6 +289,7 @@ def _run(tmp, tokenizer, method, *, fail=None):
     return result, calls
 
 
+@pytest.mark.slow  # a killed subprocess run, then the resumed and the uninterrupted runs
 @pytest.mark.parametrize("method,stage", [("sppo", "score"), ("gpo", "train")])
 def test_killed_run_resumes_to_the_uninterrupted_result(tokenizer, tmp_path, method, stage):
     whole, calls = _run(tmp_path / "whole", tokenizer, method)
@@ -350,7 +351,7 @@ def test_cli_end_to_end(tmp_path, method):
         "--output-dir",
         str(out),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
+    done = processes.run(cmd, capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "win rate vs initial" in done.stdout
     report = json.loads((out / "report.json").read_text())["iterations"]
@@ -358,7 +359,7 @@ def test_cli_end_to_end(tmp_path, method):
     assert all(0.0 <= e["win_rate_vs_initial"] <= 1.0 for e in report)
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "iter2" / "policy" / "config.json").is_file()
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
+    again = processes.run(cmd, capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "report.json").read_text())["iterations"] == report  # all stages found on disk
 

@@ -72,11 +72,13 @@ def _rows(batch, rank):
 def _trainer(ref_model):
     """The real ``PreferenceTrainer`` loss path (``preference_loss``) without a ``transformers.Trainer`` set-up."""
     from prefuse.alignment import DPOLoss
+    from prefuse.alignment.methods import get_method
     from prefuse.alignment.trainer import PreferenceTrainer
 
     trainer = PreferenceTrainer.__new__(PreferenceTrainer)
     trainer.args = types.SimpleNamespace(head="fused", loss_backend="torch")
     trainer.method, trainer.loss_module = "dpo", DPOLoss(BETA, backend="torch")
+    trainer.spec = get_method("dpo")
     trainer.ref_model, trainer.ref_source = ref_model, "model"
     return trainer
 
@@ -146,6 +148,32 @@ def test_fsdp2_two_ranks_match_unsharded():
             for name, grad in r[tied][1].items():
                 torch.testing.assert_close(grad, ranks[0][tied][1][name])
         _check(loss, ranks[0][tied][1], tied)
+
+
+def _fsdp_tail_group_rank(rank: int, world: int) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model(False)
+    ref_model = copy.deepcopy(model).requires_grad_(False)
+    for m in (model, ref_model):  # accelerate's FSDP2 layout: layers, the embedding, then [final norm, head]
+        for layer in m.model.layers:
+            fully_shard(layer)
+        fully_shard(m.model.embed_tokens)
+        fully_shard([m.model.norm, m.lm_head], reshard_after_forward=False)
+        fully_shard(m)
+    result = _trainer(ref_model).preference_loss(model, _rows(_batch(), rank))
+    result.loss.backward()
+    return {False: (result.loss.detach(), {n: p.grad.full_tensor() for n, p in model.named_parameters()})}
+
+
+def test_fsdp2_norm_and_head_group():
+    """The layout ``accelerate`` gives an FSDP2 model: the final norm and the lm-head in one group. The loss's
+    call of the head after the model's forward must neither hook the group's gradient reduce-scatter a second
+    time (it fired before the norm's backward, which then wrote into resharded storage: a crash) nor leave the
+    group's forward open."""
+    pytest.importorskip("torch.distributed.fsdp")
+    ranks = run_ranks(_fsdp_tail_group_rank, timeout=180)
+    _check(torch.stack([r[False][0] for r in ranks]).mean(), ranks[0][False][1], False)
 
 
 # ----------------------------------------------------------------------------------------------- ZeRO-3, simulated
@@ -260,9 +288,15 @@ def _zero3_rank(rank: int, world: int) -> dict:
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world))
+    import importlib
+
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
+    # DeepSpeed's CPU accelerator would JIT-compile its shared-memory all-reduce (a C++ op: a minute of compiling
+    # on a small machine, into TORCH_EXTENSIONS_DIR); gloo does the same reductions, and this test is about the
+    # partitioned head, not the transport. (Imported by name: the attribute deepspeed.comm.torch is torch.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")  # joins run_ranks' gloo group
     config = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}

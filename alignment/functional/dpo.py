@@ -5,11 +5,12 @@ completion tokens), ``u = β(Δc - Δr)``, ``ε = label_smoothing``. The loss is
 
 ================  ===================================================================================
 ``sigmoid``       ``-(1-ε) logσ(u) - ε logσ(-u)``  (DPO; cDPO when ε > 0)
-``ipo``           ``(Δc/|y_w| - Δr/|y_l| - 1/(2β))²``  (TRL normalises by completion length: every
-                  log-prob is the per-token average; rewards and ``logps/*`` metrics too)
+``ipo``           ``(Δc/|y_w| - Δr/|y_l| - 1/(2β))²``  (TRL normalises by completion length; the rewards
+                  and ``logps/*`` metrics stay on the sums, as TRL logs them)
 ``hinge``         ``max(0, 1 - u)``  (SLiC)
 ``robust``        ``(-(1-ε) logσ(u) + ε logσ(-u)) / (1-2ε)``  (rDPO; ``0 <= ε < 0.5``)
-``exo_pair``      ``σ(u)(logσ(u) - log(1-ε)) + σ(-u)(logσ(-u) - log ε)``  (EXO; ε = 1e-3 when 0, as TRL)
+``exo_pair``      ``σ(u)(logσ(u) - log(1-ε)) + σ(-u)(logσ(-u) - log ε)``  (EXO; ``0 < ε < 1``: ε = 0 is
+                  ``log 0``, refused as TRL does)
 ``nca_pair``      ``-logσ(βΔc) - ½ logσ(-βΔc) - ½ logσ(-βΔr)``
 ``bco_pair``      ``-logσ(βΔc - δ) - logσ(-(βΔr - δ))``, ``δ`` the running mean of the rewards (TRL's
                   ``RunningMoments``; the functional form uses this batch's mean unless ``bco_delta``)
@@ -72,8 +73,8 @@ def check_dpo_options(
     check_real("discopop_tau", discopop_tau, low=0.0, low_open=True)
     if loss_type == "robust":
         check_real("label_smoothing", label_smoothing, low=0.0, high=0.5, high_open=True)
-    elif loss_type == "exo_pair":
-        check_real("label_smoothing", label_smoothing, low=0.0, high=1.0, high_open=True)
+    elif loss_type == "exo_pair":  # log ε: TRL refuses ε = 0 too (the EXO paper suggests 1e-3)
+        check_real("label_smoothing", label_smoothing, low=0.0, high=1.0, low_open=True, high_open=True)
     else:
         check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
 
@@ -104,7 +105,6 @@ def dpo_pair_losses(
     if loss_type == "robust":
         return (-(1 - eps) * F.logsigmoid(u) + eps * F.logsigmoid(-u)) / (1 - 2 * eps)
     if loss_type == "exo_pair":
-        eps = eps if eps > 0 else 1e-3
         return torch.sigmoid(u) * (F.logsigmoid(u) - math.log1p(-eps)) + torch.sigmoid(-u) * (
             F.logsigmoid(-u) - math.log(eps)
         )
@@ -185,12 +185,12 @@ def dpo_loss(
         nll_loss = chosen_nll(pc, chosen_lengths.float())
     if nll_weight > 0 and nll_loss is None:
         raise ValueError("nll_weight > 0 needs nll_loss or chosen_lengths")
-    if loss_type == "ipo":  # TRL: every sequence log-prob becomes its per-token average
-        cl, rl = chosen_lengths.float().clamp(min=1), rejected_lengths.float().clamp(min=1)
-        pc, pr, rc, rr = pc / cl, pr / rl, rc / cl, rr / rl
     chosen_logratios, rejected_logratios = pc - rc, pr - rr
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
+    if loss_type == "ipo":  # TRL: the loss on per-token average log-ratios, the metrics on the sums
+        chosen_logratios = chosen_logratios / chosen_lengths.float().clamp(min=1)
+        rejected_logratios = rejected_logratios / rejected_lengths.float().clamp(min=1)
     if loss_type == "bco_pair":
         delta = batch_mean(torch.cat([chosen_rewards, rejected_rewards])) if bco_delta is None else bco_delta
         bco_delta = float_tensor(delta, pc)

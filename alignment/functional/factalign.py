@@ -97,8 +97,8 @@ def factalign_loss(
 
     Returns:
         ``LossOutput``: KTO's metrics plus ``fg_kl``, ``fg_loss``, ``fg_rewards/{chosen,rejected}_sum``,
-        ``count/fg_{chosen,rejected}``, and the per-sentence means ``fg_logps/{policy,reference}_{chosen,
-        rejected,kl}``.
+        ``count/fg_{chosen,rejected}``, the per-sentence means ``fg_logps/{policy,reference}_{chosen,rejected}``
+        and, with per-token KL rows, ``fg_logps/{policy,reference}_KL`` (the seed code's names).
     """
     for name, value in (("fg_beta", fg_beta),):
         check_real(name, value, low=0.0, low_open=True)
@@ -155,8 +155,8 @@ def factalign_loss(
         kl_ref_total = torch.where(in_sentence, kl_per_token[1], 0.0).sum()
         kl_count = count_distinct(kl_sentence_ids)
         z_fg = global_mean_clamped(kl_policy_total - kl_ref_total, kl_count)
-        metrics["fg_logps/policy_kl"] = kl_policy_total / kl_count.clamp(min=1)
-        metrics["fg_logps/reference_kl"] = kl_ref_total / kl_count.clamp(min=1)
+        metrics["fg_logps/policy_KL"] = kl_policy_total / kl_count.clamp(min=1)
+        metrics["fg_logps/reference_KL"] = kl_ref_total / kl_count.clamp(min=1)
     else:
         z_fg = torch.zeros((), device=policy_logps.device)
     fg_logratios = policy_s - ref_s

@@ -11,6 +11,11 @@ the loss from per-token log-probs ``(rows, L)`` (0 where not scored; the referen
 and the completion mask ``(rows, L)``. ``forward`` computes the log-probs with ``linear_logprobs`` and calls
 it; a trainer that scores tokens another way (full logits, TRL's head) calls it directly, so the loss glue
 lives in one place.
+
+Packed (padding-free) batches: every loss module also takes ``sequence_ids`` ``(1, N)`` with ``hidden``
+``(1, N, D)`` and ``labels`` ``(1, N)`` (and ``kl_sequence_ids`` for KTO's / FactAlign's KL rows); see
+``prefuse.alignment.packing``. A forward pre-hook lays them out per row without copying ``hidden``, so each
+loss computes exactly what it computes on the padded rows.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import torch
 from prefuse.alignment.losses.fused import PATHS, fused_policy_loss, pair_groups
 from prefuse.alignment.output import LossOutput
+from prefuse.alignment.packing import PackedRows, unpack_loss_inputs
 from prefuse.kernels import linear_logprobs
 from prefuse.kernels.linear_logprobs.validate import validate_options
 from torch import Tensor, nn
@@ -115,6 +121,7 @@ class FusedLinearLoss(nn.Module):
         self.softcap = None if softcap is None else float(softcap)
         self.backend = backend
         self.deterministic = bool(deterministic)
+        self.register_forward_pre_hook(unpack_loss_inputs, with_kwargs=True)
 
     # ------------------------------------------------------------------ checks
     def _check_rows(
@@ -130,7 +137,7 @@ class FusedLinearLoss(nn.Module):
 
         ``rows == 0`` is valid (a data-parallel rank without data, a last partial batch): every loss then
         returns a zero loss that back-propagates zero gradients, and still joins its all-reduces."""
-        if not isinstance(hidden, Tensor) or hidden.dim() != 3:
+        if not isinstance(hidden, (Tensor, PackedRows)) or hidden.dim() != 3:
             shape = tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__
             raise ValueError(f"{hidden_name} must be a (rows, T, D) tensor, got {shape}")
         if not isinstance(labels, Tensor):
@@ -170,7 +177,15 @@ class FusedLinearLoss(nn.Module):
     def _logps(
         self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None, shift: bool
     ) -> Tensor:
-        """Per-token log-probs ``(rows, L)`` through ``linear_logprobs`` (0.0 at ignored positions)."""
+        """Per-token log-probs ``(rows, L)`` through ``linear_logprobs`` (0.0 at ignored positions); packed
+        ``hidden`` (``PackedRows``) is scored in place on the targets its layout gives, then laid out per row."""
+        if isinstance(hidden, PackedRows):
+            packed = linear_logprobs(
+                hidden.hidden, weight, hidden.layout.targets(targets, shift, self.ignore_index), bias,
+                ignore_index=self.ignore_index, temperature=self.temperature, softcap=self.softcap,
+                backend=self.backend, deterministic=self.deterministic,
+            )  # fmt: skip
+            return hidden.layout.token_rows(packed, shift)
         return linear_logprobs(
             hidden, weight, targets, bias, ignore_index=self.ignore_index, shift=shift,
             temperature=self.temperature, softcap=self.softcap, logit_scale=self.logit_scale,
@@ -263,7 +278,11 @@ class FusedLinearLoss(nn.Module):
                 raise ValueError(
                     f"{hidden_name} needs ref_weight, the reference model's lm-head (it never defaults to weight)"
                 )
-            if not isinstance(hidden, Tensor) or hidden.dim() != 3 or hidden.shape[:2] != targets.shape:
+            if (
+                not isinstance(hidden, (Tensor, PackedRows))
+                or hidden.dim() != 3
+                or hidden.shape[:2] != targets.shape
+            ):
                 shape = tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__
                 raise ValueError(
                     f"{hidden_name} must have shape ({rows}, {targets.shape[1]}, D_ref), got {shape}"

@@ -17,8 +17,8 @@ class DPOLoss(PairedLoss):
 
     ``loss = mean_b ℓ(Δc_b, Δr_b) + nll_weight · NLL`` with ``Δ = logπ - logπ_ref`` summed over completion
     tokens and ``ℓ`` the ``loss_type``'s formula (``prefuse.alignment.functional.dpo`` lists them all, with
-    TRL's conventions: ``ipo`` on per-token averages, ``sppo_hard`` in sum form, ``exo_pair`` with ε = 1e-3
-    when ``label_smoothing`` is 0). NLL is the chosen-token NLL averaged over all chosen completion tokens
+    TRL's conventions: ``ipo``'s loss on per-token averages, ``sppo_hard`` in sum form, ``exo_pair`` with
+    ``0 < label_smoothing < 1``). NLL is the chosen-token NLL averaged over all chosen completion tokens
     (RPO). ``bco_pair`` keeps TRL's running mean of the rewards (all-reduced across ranks) in this module.
 
     Args:

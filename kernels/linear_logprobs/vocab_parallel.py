@@ -34,7 +34,9 @@ tensor-parallel group.
 
 from __future__ import annotations
 
+import math
 import numbers
+import struct
 
 import torch
 import torch.distributed as dist
@@ -59,23 +61,88 @@ def _all_gather(tensor: Tensor, group, world: int) -> Tensor:
     return torch.stack(parts)
 
 
-def _check_layout(vocab_start: int, vocab_end: int, vocab_size: int, n_targets: int, device, group, world):
-    """Every rank's ``[start, end)`` together partition ``[0, vocab_size)`` and every rank has the same number
-    of target positions. One tiny all-gather and a host read (skipped while compiling or capturing), so
-    every rank sees the same table and raises the same ``ValueError``: none is left waiting in a collective.
+def _collective_device(hidden, group) -> torch.device:
+    """Where this rank's agreement tensor lives: ``hidden``'s device, or the group backend's when ``hidden`` is
+    not a tensor (a rank whose arguments are wrong still joins the agreement)."""
+    if isinstance(hidden, Tensor):
+        return hidden.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _float_bits(value: float | None) -> int:
+    """``value``'s IEEE-754 float64 bit pattern (an exact int64 image for the agreement table); NaN for None."""
+    return struct.unpack("<q", struct.pack("<d", math.nan if value is None else float(value)))[0]
+
+
+def _targets_fingerprint(targets: Tensor, ignore_index: int, vocab_size: int) -> tuple[Tensor, Tensor]:
+    """Two int64 sums of ``targets`` (ignored positions as -1, out-of-range ids as ``vocab_size``): plain and
+    weighted by position (weights 1..65521), so a changed id, a changed ignore mask or two swapped ids changes
+    them. Bounded by ``numel * 65521 * vocab_size``: exact in int64 far beyond any real batch."""
+    flat = targets.reshape(-1)
+    ids = torch.where(flat == ignore_index, -1, flat.clamp(min=-1, max=vocab_size)).to(torch.int64)
+    weights = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64) % 65521 + 1
+    return ids.sum(), (ids * weights).sum()
+
+
+def _agree(error: ValueError | None, args: dict | None, targets, device, group, world) -> None:
+    """Every rank of ``group`` checks every rank's arguments, so all raise the same ``ValueError`` together
+    (none is left waiting in the op's collectives).
+
+    One all-gather of a small int64 row per rank -- whether its own checks passed, its shard, its options (as
+    exact bit patterns) and a fingerprint of its targets -- and one host read; when a rank's own checks
+    failed, its message is all-gathered too (``all_gather_object``, on that failure path only). Checked
+    across ranks: the shards partition ``[0, vocab_size)``; ``vocab_size``, ``shift``, ``ignore_index``,
+    ``temperature``, ``softcap`` and the targets (count and fingerprint) are the same on every rank.
     """
-    mine = torch.tensor([vocab_start, vocab_end, n_targets], dtype=torch.int64, device=device)
-    table = _all_gather(mine, group, world).tolist()
-    if len({row[2] for row in table}) > 1:
+    fields = ("vocab_start", "vocab_end", "vocab_size", "n_targets", "shift", "ignore_index", "temperature",
+              "softcap", "targets_sum", "targets_weighted_sum")  # fmt: skip
+    row = [0] * (1 + len(fields))
+    if error is None:
+        plain, weighted = _targets_fingerprint(targets, args["ignore_index"], args["vocab_size"])
+        row = [1, args["vocab_start"], args["vocab_end"], args["vocab_size"], targets.numel(), int(args["shift"]),
+               int(args["ignore_index"]), _float_bits(args["temperature"]), _float_bits(args["softcap"]), 0, 0]  # fmt: skip
+    mine = torch.tensor(row, dtype=torch.int64, device=device)
+    if error is None:
+        mine[-2], mine[-1] = plain, weighted  # on the device: no host read of the targets before the gather
+    rows = _all_gather(mine, group, world).tolist()
+    if not all(r[0] for r in rows):
+        messages = [None] * world
+        dist.all_gather_object(messages, None if error is None else str(error), group=group)
+        if error is not None:
+            raise error
+        failed = [rank for rank, r in enumerate(rows) if not r[0]]
         raise ValueError(
-            f"targets must be replicated over the process group; ranks hold {[row[2] for row in table]} "
-            "target positions"
+            f"vocab_parallel_linear_logprobs: the arguments of rank {failed[0]} of the process group are invalid "
+            f"({messages[failed[0]]}); every rank raises"
         )
+    table = [dict(zip(fields, r[1:])) for r in rows]
+    for name in ("vocab_size", "shift", "ignore_index", "temperature", "softcap"):
+        values = [t[name] for t in table]
+        if len(set(values)) > 1:
+            if name in ("temperature", "softcap"):
+                values = [struct.unpack("<d", struct.pack("<q", v))[0] for v in values]
+                values = [None if math.isnan(v) else v for v in values]
+            raise ValueError(
+                f"{name} must be the same on every rank of the process group; ranks have {values}"
+            )
+    counts = [t["n_targets"] for t in table]
+    if len(set(counts)) > 1:
+        raise ValueError(
+            f"targets must be replicated over the process group; ranks hold {counts} target positions"
+        )
+    if len({(t["targets_sum"], t["targets_weighted_sum"]) for t in table}) > 1:
+        raise ValueError(
+            "targets must be replicated over the process group (the same ids on every rank); the ranks' targets "
+            "differ"
+        )
+    shards = [(t["vocab_start"], t["vocab_end"]) for t in table]
+    vocab_size = table[0]["vocab_size"]
     cursor = 0
-    for start, end, _ in sorted(table):
+    for start, end in sorted(shards):
         if start != cursor:
             what = "overlap" if start < cursor else "leave a gap"
-            shards = [tuple(row[:2]) for row in table]
             raise ValueError(
                 f"the vocab shards {shards} (rank order) {what} at {min(start, cursor)}: they must partition "
                 f"[0, vocab_size={vocab_size})"
@@ -83,9 +150,55 @@ def _check_layout(vocab_start: int, vocab_end: int, vocab_size: int, n_targets: 
         cursor = end
     if cursor != vocab_size:
         raise ValueError(
-            f"the vocab shards {[tuple(row[:2]) for row in table]} (rank order) cover [0, {cursor}), "
-            f"not [0, vocab_size={vocab_size})"
+            f"the vocab shards {shards} (rank order) cover [0, {cursor}), not [0, vocab_size={vocab_size})"
         )
+
+
+def _check_arguments(
+    hidden,
+    weight,
+    targets,
+    bias,
+    ignore_index,
+    shift,
+    temperature,
+    softcap,
+    backend,
+    deterministic,
+    vocab_start,
+    vocab_size,
+    world,
+) -> tuple[int, int, str]:
+    """This rank's own checks: ``linear_logprobs``'s on the shard, then the shard's place in the vocabulary.
+    Returns ``(vocab_start, vocab_end, resolved backend)``."""
+    validate_arguments(
+        hidden,
+        weight,
+        targets,
+        bias,
+        ignore_index,
+        shift,
+        temperature,
+        softcap,
+        backend,
+        deterministic=deterministic,
+    )
+    for name, value in (("vocab_start", vocab_start), ("vocab_size", vocab_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+    vocab_start, vocab_size = int(vocab_start), int(vocab_size)
+    vocab_end = vocab_start + weight.shape[0]
+    if vocab_start < 0 or vocab_end > vocab_size:
+        raise ValueError(
+            f"weight's shard [vocab_start={vocab_start}, {vocab_end}) must lie inside "
+            f"[0, vocab_size={vocab_size})"
+        )
+    if world == 1 and (vocab_start, vocab_end) != (0, vocab_size):
+        raise ValueError(
+            f"without a process group of several ranks the shard must be the whole vocabulary; got "
+            f"[{vocab_start}, {vocab_end}) of vocab_size={vocab_size}"
+        )
+    return vocab_start, vocab_end, op._resolve_backend(backend, hidden.device)
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
@@ -161,6 +274,7 @@ def vocab_parallel_linear_logprobs(
             with one small all-gather in eager mode, so a misconfigured group fails on every rank alike).
         process_group: the tensor-parallel group (default: the default group). Without an initialised
             ``torch.distributed`` the call is a single shard (``vocab_start=0``, ``V_r == vocab_size``).
+            ``hidden`` must be replicated too; it is not checked (that would read ``tokens x D`` per call).
         ignore_index, shift, temperature, softcap, backend, deterministic: as ``linear_logprobs``.
 
     Returns:
@@ -170,34 +284,32 @@ def vocab_parallel_linear_logprobs(
 
     Raises:
         ValueError: the checks of ``linear_logprobs`` on the shard, a bad ``vocab_start`` / ``vocab_size``,
-            shards that do not partition ``[0, vocab_size)``, targets of different shapes across ranks, or a
-            target outside ``[0, vocab_size)``. The layout and target-count errors come from one all-gathered
-            table, so every rank raises them; an error only one rank can see (its own arguments) is raised
-            there before any collective, and the other ranks wait in theirs until the group's timeout, as with
-            any collective. Every rank must also back-propagate through the result (the backward all-reduces).
+            shards that do not partition ``[0, vocab_size)``, options or targets that differ across ranks, or a
+            target outside ``[0, vocab_size)``. **Every rank raises together**: before the op's first
+            collective the ranks all-gather one small table -- whether each rank's own checks passed (with
+            the failing rank's message), its shard, its options and a fingerprint of its targets
+            (``_agree``) -- so a mistake that only one rank can see (an empty shard, a bad option) stops every
+            rank at once instead of leaving the others waiting in the op's collective until the group's
+            timeout. The table is skipped only where a host read is not allowed (``torch.compile`` tracing,
+            CUDA-graph capture); there a rank's own error is raised on that rank alone. Every rank must also
+            back-propagate through the result (the backward all-reduces).
     """
-    validate_arguments(hidden, weight, targets, bias, ignore_index, shift, temperature, softcap, backend)
-    for name, value in (("vocab_start", vocab_start), ("vocab_size", vocab_size)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ValueError(f"{name} must be an int, got {value!r}")
-    vocab_start, vocab_size = int(vocab_start), int(vocab_size)
-    vocab_end = vocab_start + weight.shape[0]
-    if vocab_start < 0 or vocab_end > vocab_size:
-        raise ValueError(
-            f"weight's shard [vocab_start={vocab_start}, {vocab_end}) must lie inside "
-            f"[0, vocab_size={vocab_size})"
-        )
     world = _world(process_group)
-    if world == 1 and (vocab_start, vocab_end) != (0, vocab_size):
-        raise ValueError(
-            f"without a process group of several ranks the shard must be the whole vocabulary; got "
-            f"[{vocab_start}, {vocab_end}) of vocab_size={vocab_size}"
-        )
-    backend = op._resolve_backend(backend, hidden.device)
-    if world > 1 and host_reads_allowed(hidden.device):
-        _check_layout(
-            vocab_start, vocab_end, vocab_size, targets.numel(), hidden.device, process_group, world
-        )
+    error, agreed = None, None
+    try:
+        vocab_start, vocab_end, backend = _check_arguments(
+            hidden, weight, targets, bias, ignore_index, shift, temperature, softcap, backend, deterministic,
+            vocab_start, vocab_size, world,
+        )  # fmt: skip
+        agreed = {"vocab_start": vocab_start, "vocab_end": vocab_end, "vocab_size": int(vocab_size), "shift": shift,
+                  "ignore_index": ignore_index, "temperature": temperature, "softcap": softcap}  # fmt: skip
+    except ValueError as err:
+        error = err
+    device = _collective_device(hidden, process_group) if world > 1 else None
+    if world > 1 and host_reads_allowed(device):
+        _agree(error, agreed, targets, device, process_group, world)  # every rank raises, or none
+    elif error is not None:
+        raise error
 
     rows, sorted_targets, n_valid, order, out_of_range = op._plan(targets, ignore_index, shift, vocab_size)
     options = (None if softcap is None else float(softcap), 1.0 / float(temperature), backend, deterministic)
