@@ -40,7 +40,8 @@ SUPPORTED_DPO = [t for t in DPO_LOSS_TYPES if t != "bco_pair"]
 def _module(method: str, path: str, options: dict, **over):
     opts = {**options, "path": path}
     if method.startswith("dpo:"):
-        return DPOLoss(0.2, method[4:], nll_weight=over.get("nll", 0.0), **opts)
+        smoothing = 0.1 if method[4:] in ("exo_pair", "robust") else 0.0
+        return DPOLoss(0.2, method[4:], smoothing, nll_weight=over.get("nll", 0.0), **opts)
     if method == "sampo":
         return SamPOLoss(0.2, seed=11, nll_weight=over.get("nll", 0.0), **opts)
     if method == "kto":
