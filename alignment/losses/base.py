@@ -202,7 +202,7 @@ class FusedLinearLoss(nn.Module):
         """Whether a call on these tensors takes the loss-fused path (``path``, in the current grad mode).
 
         Raises ``ValueError`` for ``path="fused"`` on a loss that does not support it."""
-        if self.path == "op":
+        if self.path == "op" or not isinstance(hidden, Tensor):  # packed rows take the op path
             return False
         reason = self.fused_unsupported()
         if reason is not None:
