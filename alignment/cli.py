@@ -402,8 +402,10 @@ def run(opts, argv: list[str]) -> dict:
             f"{len(trainer.eval_dataset)} test {unit}"
         )
         print(f"  loss      : prefuse.alignment.{trainer.loss_module!r}")
-        reference = "none (a reference-free loss)" if trainer.ref_source == "none" else (
-            f"{trainer.ref_source.replace('_', ' ')} of the initial policy"
+        reference = (
+            "none (a reference-free loss)"
+            if trainer.ref_source == "none"
+            else (f"{trainer.ref_source.replace('_', ' ')} of the initial policy")
         )
         print(f"  reference : {reference} ({time.perf_counter() - started:.1f}s)")
         print("evaluating before training ...", flush=True)

@@ -47,11 +47,18 @@ def _fresh_adapter(model: nn.Module) -> nn.Module:
     return get_peft_model(merged, config)
 
 
-def run_iterations(model: nn.Module, datasets: Sequence | Callable[[int, nn.Module], Any], *,
-                   args: PreferenceConfig, iterations: int | None = None, processing_class=None,
-                   ref_model: nn.Module | None = None, eval_datasets: Sequence | None = None,
-                   trainer_kwargs: dict | None = None,
-                   on_iteration_end: Callable[[int, PreferenceTrainer], None] | None = None) -> IterationResult:
+def run_iterations(
+    model: nn.Module,
+    datasets: Sequence | Callable[[int, nn.Module], Any],
+    *,
+    args: PreferenceConfig,
+    iterations: int | None = None,
+    processing_class=None,
+    ref_model: nn.Module | None = None,
+    eval_datasets: Sequence | None = None,
+    trainer_kwargs: dict | None = None,
+    on_iteration_end: Callable[[int, PreferenceTrainer], None] | None = None,
+) -> IterationResult:
     """Train ``iterations`` rounds of ``args.method``; round ``k + 1``'s reference is round ``k``'s policy.
 
     Args:
@@ -77,7 +84,9 @@ def run_iterations(model: nn.Module, datasets: Sequence | Callable[[int, nn.Modu
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     result = IterationResult(model)
     reference = ref_model
-    uses_reference = get_method(args.method).reference is not None  # SimPO, ORPO, CPO: rounds on new data only
+    uses_reference = (
+        get_method(args.method).reference is not None
+    )  # SimPO, ORPO, CPO: rounds on new data only
     for k in range(iterations):
         data = datasets(k, model) if callable(datasets) else datasets[k]
         round_args = copy.deepcopy(args)

@@ -113,14 +113,28 @@ class CausalLMHead(NamedTuple):
             return fn(self.hidden, self.weight, *args, bias=self.bias, **kwargs)
         return _call_in_head_forward(self.module, self.hidden, fn, args, kwargs)
 
-    def logprobs(self, labels: Tensor, *, shift: bool = True, ignore_index: int = -100,
-                 backend: str = "auto", deterministic: bool = False) -> Tensor:
+    def logprobs(
+        self,
+        labels: Tensor,
+        *,
+        shift: bool = True,
+        ignore_index: int = -100,
+        backend: str = "auto",
+        deterministic: bool = False,
+    ) -> Tensor:
         """Per-token ``log p(label)`` through ``prefuse.kernels.linear_logprobs`` (``(B, T-1)`` with shift),
         inside the head's forward (``apply``)."""
         from prefuse.kernels import linear_logprobs
 
-        return self.apply(linear_logprobs, labels, ignore_index=ignore_index, shift=shift, backend=backend,
-                          deterministic=deterministic, **self.options)
+        return self.apply(
+            linear_logprobs,
+            labels,
+            ignore_index=ignore_index,
+            shift=shift,
+            backend=backend,
+            deterministic=deterministic,
+            **self.options,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- unwrapping
@@ -201,7 +215,9 @@ def _linear_params(linear: nn.Module) -> tuple[Tensor, Tensor | None]:
     # a ZeRO-3 partitioned parameter is empty outside the forward; its real shape is ``ds_shape``
     shape = getattr(weight, "ds_shape", None) if isinstance(weight, Tensor) else None
     if not isinstance(weight, Tensor) or len(weight.shape if shape is None else shape) != 2:
-        raise ValueError(f"the lm-head {type(linear).__name__} has no (V, D) weight; prefuse needs a linear head")
+        raise ValueError(
+            f"the lm-head {type(linear).__name__} has no (V, D) weight; prefuse needs a linear head"
+        )
     bias = getattr(linear, "bias", None)
     return weight, bias if isinstance(bias, Tensor) else None
 
@@ -276,8 +292,11 @@ def _capturing_head(causal_lm: nn.Module, box: dict):
         # the weight as the forward sees it: gathered, in FSDP2's mixed-precision param_dtype
         box["dtype"], box["device"] = weight.dtype, weight.device
         # zero vocabulary rows: no work, but the head stays in the graph of the model's output
-        return F.linear(hidden_states, weight[:0].to(hidden_states.device),
-                        None if bias is None else bias[:0].to(hidden_states.device))
+        return F.linear(
+            hidden_states,
+            weight[:0].to(hidden_states.device),
+            None if bias is None else bias[:0].to(hidden_states.device),
+        )
 
     head.forward = capture
     try:
@@ -289,8 +308,9 @@ def _capturing_head(causal_lm: nn.Module, box: dict):
             del head.forward
 
 
-def forward_hidden(model: nn.Module, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                   **kwargs) -> CausalLMHead:
+def forward_hidden(
+    model: nn.Module, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, **kwargs
+) -> CausalLMHead:
     """Run ``model`` to its lm-head's input without the head matmul; return it with the head and options.
 
     Args:
@@ -320,7 +340,7 @@ def forward_hidden(model: nn.Module, input_ids: Tensor | None = None, attention_
     weight, bias = _linear_params(linear)
     hidden = box["hidden"]
     if input_ids is not None and hidden.dim() == 3 and hidden.shape[1] > input_ids.shape[-1]:
-        hidden = hidden[:, -input_ids.shape[-1]:]  # prompt-learning PEFT prepends virtual tokens
+        hidden = hidden[:, -input_ids.shape[-1] :]  # prompt-learning PEFT prepends virtual tokens
     if hidden.device != box["device"]:  # a model split across devices ends on the head's device
         hidden = hidden.to(box["device"])
     dtype = box.get("autocast_dtype") or box["dtype"]
@@ -347,7 +367,10 @@ def _call_in_head_forward(linear: nn.Module, hidden: Tensor, fn, args: tuple, kw
         bias = bias if isinstance(bias, Tensor) else None
         weight, bias = _unsharded_when_frozen(weight), _unsharded_when_frozen(bias)
         if weight.dtype != hidden_states.dtype:  # autocast: what nn.Linear would compute in
-            weight, bias = weight.to(hidden_states.dtype), None if bias is None else bias.to(hidden_states.dtype)
+            weight, bias = (
+                weight.to(hidden_states.dtype),
+                None if bias is None else bias.to(hidden_states.dtype),
+            )
         return fn(hidden_states, weight, *args, bias=bias, **kwargs)
 
     linear.forward = forward
@@ -419,8 +442,9 @@ def adapter_disabled(model: nn.Module):
     raise ValueError(f"{type(model).__name__} is not a PEFT model: it has no adapter to disable")
 
 
-def check_head(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *,
-               atol: float = 1e-4) -> float:
+def check_head(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *, atol: float = 1e-4
+) -> float:
     """Max abs difference between the model's own log-softmax and prefuse's head on ``input_ids``.
 
     A one-off check for an architecture this module does not know (it computes the full logits once);

@@ -44,8 +44,14 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 
 HEADS = ("fused", "naive")
-LIGER_BODY_KERNELS = {"rms_norm": True, "rope": True, "swiglu": True, "geglu": True, "cross_entropy": False,
-                      "fused_linear_cross_entropy": False}
+LIGER_BODY_KERNELS = {
+    "rms_norm": True,
+    "rope": True,
+    "swiglu": True,
+    "geglu": True,
+    "cross_entropy": False,
+    "fused_linear_cross_entropy": False,
+}
 
 
 @dataclass
@@ -61,10 +67,13 @@ class PreferenceConfig(TrainingArguments):
 
     method: str = field(default="dpo", metadata={"help": f"one of {tuple(METHODS)}"})
     beta: float | None = field(default=None, metadata={"help": "β (default per method)"})
-    loss_type: str = field(default="sigmoid", metadata={"help": "DPO loss type (prefuse.alignment.DPO_LOSS_TYPES)"})
+    loss_type: str = field(
+        default="sigmoid", metadata={"help": "DPO loss type (prefuse.alignment.DPO_LOSS_TYPES)"}
+    )
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing ε (DPO, SimPO, CPO)"})
     nll_weight: float | None = field(
-        default=None, metadata={"help": "weight of the chosen-token NLL (default per method: 1 for ORPO/CPO, else 0)"}
+        default=None,
+        metadata={"help": "weight of the chosen-token NLL (default per method: 1 for ORPO/CPO, else 0)"},
     )
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target margin γ"})
     desirable_weight: float = field(default=1.0, metadata={"help": "KTO/FactAlign λD"})
@@ -77,17 +86,27 @@ class PreferenceConfig(TrainingArguments):
     gpo_clamp: float | None = field(default=None, metadata={"help": "GPO target clamp"})
     sampo_seed: int | None = field(default=None, metadata={"help": "SamPO sampling seed (default: seed)"})
     max_length: int | None = field(default=512, metadata={"help": "max prompt+completion tokens"})
-    max_prompt_length: int | None = field(default=256, metadata={"help": "max prompt tokens (kept from the end)"})
-    partial_sentences: str = field(default="drop", metadata={"help": "a sentence cut by truncation: drop | keep"})
-    precompute_ref_log_probs: bool = field(default=False, metadata={"help": "precompute the reference log-probs"})
+    max_prompt_length: int | None = field(
+        default=256, metadata={"help": "max prompt tokens (kept from the end)"}
+    )
+    partial_sentences: str = field(
+        default="drop", metadata={"help": "a sentence cut by truncation: drop | keep"}
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False, metadata={"help": "precompute the reference log-probs"}
+    )
     head: str = field(default="fused", metadata={"help": "fused (prefuse) | naive (full logits)"})
-    loss_backend: str = field(default="auto", metadata={"help": "linear_logprobs backend: auto | triton | torch"})
+    loss_backend: str = field(
+        default="auto", metadata={"help": "linear_logprobs backend: auto | triton | torch"}
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep the collators' columns"})
     padding_free: bool = field(
-        default=False, metadata={"help": "pack each batch's sequences into one row (no padding; position_ids)"}
+        default=False,
+        metadata={"help": "pack each batch's sequences into one row (no padding; position_ids)"},
     )
     max_tokens_per_batch: int | None = field(
-        default=None, metadata={"help": "padding_free: training batches of at most this many tokens, not rows"}
+        default=None,
+        metadata={"help": "padding_free: training batches of at most this many tokens, not rows"},
     )
 
     def __post_init__(self):
@@ -108,7 +127,9 @@ class PreferenceConfig(TrainingArguments):
             self.nll_weight = 0.0
 
 
-def build_loss(config: PreferenceConfig, *, softcap: float | None = None, temperature: float = 1.0) -> nn.Module:
+def build_loss(
+    config: PreferenceConfig, *, softcap: float | None = None, temperature: float = 1.0
+) -> nn.Module:
     """The prefuse loss module of ``config.method`` with the config's hyper-parameters and the head options."""
     options = {"softcap": softcap, "temperature": temperature, "backend": config.loss_backend}
     return get_method(config.method).build_loss(config, **options)
@@ -152,8 +173,9 @@ def _packing(inputs: dict, prefix: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- naive head
-def naive_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                      ignore_index: int = -100) -> Tensor:
+def naive_token_logps(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, ignore_index: int = -100
+) -> Tensor:
     """Per-token ``log p(label)`` ``(rows, T-1)`` from the model's full logits (0 at ignored positions)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     targets = labels[:, 1:]
@@ -163,8 +185,15 @@ def naive_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
     return torch.where(mask, picked, 0.0)
 
 
-def reference_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *,
-                          head: str = "fused", backend: str = "auto") -> Tensor:
+def reference_token_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    *,
+    head: str = "fused",
+    backend: str = "auto",
+) -> Tensor:
     """Per-token reference log-probs ``(rows, T-1)`` without grad: prefuse's head (or full logits)."""
     with torch.no_grad():
         if head == "naive":
@@ -172,9 +201,17 @@ def reference_token_logps(model: nn.Module, input_ids: Tensor, attention_mask: T
         return forward_hidden(model, input_ids, attention_mask).logprobs(labels, backend=backend)
 
 
-def precompute_ref_logps(ref_model: nn.Module, dataset, collator, *, batch_size: int = 8,
-                         device: torch.device | str | None = None, head: str = "fused", backend: str = "auto",
-                         per_token: bool = True):
+def precompute_ref_logps(
+    ref_model: nn.Module,
+    dataset,
+    collator,
+    *,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    head: str = "fused",
+    backend: str = "auto",
+    per_token: bool = True,
+):
     """Add the reference's log-probs of every completion to a tokenised data set.
 
     Paired data (``chosen_input_ids``/``rejected_input_ids``) gets ``ref_chosen_logps`` and
@@ -200,8 +237,11 @@ def precompute_ref_logps(ref_model: nn.Module, dataset, collator, *, batch_size:
     columns: dict[str, list] = defaultdict(list)
 
     def per_example(batch, prefix: str) -> list:
-        ids, mask, labels = (batch[f"{prefix}input_ids"].to(device), batch[f"{prefix}attention_mask"].to(device),
-                             batch[f"{prefix}labels"].to(device))
+        ids, mask, labels = (
+            batch[f"{prefix}input_ids"].to(device),
+            batch[f"{prefix}attention_mask"].to(device),
+            batch[f"{prefix}labels"].to(device),
+        )
         logps = reference_token_logps(ref_model, ids, mask, labels, head=head, backend=backend).float()
         if not per_token:
             return logps.sum(-1).cpu().tolist()  # one transfer of one float per row
@@ -215,7 +255,7 @@ def precompute_ref_logps(ref_model: nn.Module, dataset, collator, *, batch_size:
             rows = per_example(batch, "")
             if paired:
                 columns["ref_chosen_logps"] += rows[: len(features)]
-                columns["ref_rejected_logps"] += rows[len(features):]
+                columns["ref_rejected_logps"] += rows[len(features) :]
             else:
                 columns["ref_logps"] += rows
                 if kl_rows:
@@ -272,15 +312,26 @@ def trl_differences(config: PreferenceConfig, tokenizer=None, dataset=None) -> l
     """Where this trainer, with these settings, deliberately computes something else than TRL 1.16 would."""
     notes = []
     if config.method == "dpo" and config.loss_type == "sigmoid" and config.label_smoothing > 0:
-        notes.append("loss_type='sigmoid' with label_smoothing > 0 is conservative DPO (cDPO); TRL 1.16's sigmoid "
-                     "loss ignores label_smoothing")
+        notes.append(
+            "loss_type='sigmoid' with label_smoothing > 0 is conservative DPO (cDPO); TRL 1.16's sigmoid "
+            "loss ignores label_smoothing"
+        )
     if config.method == "dpo" and config.loss_type == "bco_pair":
-        notes.append("bco_pair shifts the rewards by their running mean (BCO's δ); TRL 1.16's bco_pair uses δ = 0")
+        notes.append(
+            "bco_pair shifts the rewards by their running mean (BCO's δ); TRL 1.16's bco_pair uses δ = 0"
+        )
     columns = getattr(dataset, "column_names", None) or ()
-    if (getattr(tokenizer, "chat_template", None) is not None and "prompt" in columns and "prompt_input_ids"
-            not in columns and len(dataset) > 0 and isinstance(dataset[0]["prompt"], str)):
-        notes.append("plain-text prompts are rendered with the tokenizer's chat template; TRL applies it to "
-                     "conversational data only")
+    if (
+        getattr(tokenizer, "chat_template", None) is not None
+        and "prompt" in columns
+        and "prompt_input_ids" not in columns
+        and len(dataset) > 0
+        and isinstance(dataset[0]["prompt"], str)
+    ):
+        notes.append(
+            "plain-text prompts are rendered with the tokenizer's chat template; TRL applies it to "
+            "conversational data only"
+        )
     return notes
 
 
@@ -314,9 +365,18 @@ class PreferenceTrainer(Trainer):
         **kwargs: the rest of ``transformers.Trainer``'s arguments (callbacks, optimizers ...).
     """
 
-    def __init__(self, model: nn.Module, ref_model: nn.Module | None = None, args: PreferenceConfig | None = None,
-                 data_collator=None, train_dataset=None, eval_dataset=None, processing_class=None,
-                 loss: nn.Module | None = None, **kwargs):
+    def __init__(
+        self,
+        model: nn.Module,
+        ref_model: nn.Module | None = None,
+        args: PreferenceConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        loss: nn.Module | None = None,
+        **kwargs,
+    ):
         if args is None:
             args = PreferenceConfig(output_dir="prefuse-out")
         if not isinstance(args, PreferenceConfig):
@@ -352,15 +412,20 @@ class PreferenceTrainer(Trainer):
             train_dataset = self._prepare_dataset(train_dataset, processing_class, args)
         if eval_dataset is not None:
             if isinstance(eval_dataset, dict):
-                eval_dataset = {k: self._prepare_dataset(v, processing_class, args) for k, v in eval_dataset.items()}
+                eval_dataset = {
+                    k: self._prepare_dataset(v, processing_class, args) for k, v in eval_dataset.items()
+                }
             else:
                 eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args)
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("pass processing_class (the tokenizer) or a data_collator")
-            data_collator = self.spec.collator(processing_class, max_length=args.max_length,
-                                               max_prompt_length=args.max_prompt_length,
-                                               partial_sentences=args.partial_sentences)
+            data_collator = self.spec.collator(
+                processing_class,
+                max_length=args.max_length,
+                max_prompt_length=args.max_prompt_length,
+                partial_sentences=args.partial_sentences,
+            )
 
         self.ref_model = None
         self.ref_source = None
@@ -378,10 +443,20 @@ class PreferenceTrainer(Trainer):
             self.ref_source = "copy"
             ref_model = copy.deepcopy(model)
 
-        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
         self.model_accepts_loss_kwargs = False  # the loss is a batch mean: the base class divides by GA steps
-        self._metrics: dict[str, dict[str, list[Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics: dict[str, dict[str, list[Tensor]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
 
         if self.ref_source == "precomputed":
             source = ref_model if ref_model is not None else self.model
@@ -404,9 +479,13 @@ class PreferenceTrainer(Trainer):
         dataset = self.train_dataset
         lengths = [example_tokens(dataset[i]) for i in range(len(dataset))]
         sampler = TokenBudgetBatchSampler(lengths, self.args.max_tokens_per_batch, seed=self.args.seed)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.data_collator,
-                            num_workers=self.args.dataloader_num_workers,
-                            pin_memory=self.args.dataloader_pin_memory)
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
         return self.accelerator.prepare(loader)
 
     def _prepare_dataset(self, dataset, processing_class, args):
@@ -418,7 +497,9 @@ class PreferenceTrainer(Trainer):
         paired = {"chosen", "rejected"} <= columns or {"chosen_input_ids", "rejected_input_ids"} <= columns
         spec = self.spec
         if spec.paired and not paired:
-            raise ValueError(f"method {self.method!r} needs paired data (prompt/chosen/rejected), got {sorted(columns)}")
+            raise ValueError(
+                f"method {self.method!r} needs paired data (prompt/chosen/rejected), got {sorted(columns)}"
+            )
         if not spec.paired and paired:
             if spec.sentences or tokenized:
                 raise ValueError(f"method {self.method!r} needs unpaired data (prompt/completion/label)")
@@ -435,20 +516,30 @@ class PreferenceTrainer(Trainer):
             return dataset
         if processing_class is None:
             raise ValueError("text data needs processing_class (the tokenizer) to be tokenised")
-        return tokenize_preference_data(dataset, processing_class, max_length=args.max_length,
-                                        max_prompt_length=args.max_prompt_length,
-                                        sentences=spec.sentences or None,
-                                        partial_sentences=args.partial_sentences)
+        return tokenize_preference_data(
+            dataset,
+            processing_class,
+            max_length=args.max_length,
+            max_prompt_length=args.max_prompt_length,
+            sentences=spec.sentences or None,
+            partial_sentences=args.partial_sentences,
+        )
 
     def _precompute(self, source: nn.Module, dataset):
         if dataset is None:
             return None
         context = adapter_disabled(source) if is_peft_model(source) else contextlib.nullcontext()
         with context:
-            return precompute_ref_logps(source, dataset, self.data_collator,
-                                        batch_size=self.args.per_device_eval_batch_size, device=self.args.device,
-                                        head=self.args.head, backend=self.args.loss_backend,
-                                        per_token=self.spec.reference == "tokens")
+            return precompute_ref_logps(
+                source,
+                dataset,
+                self.data_collator,
+                batch_size=self.args.per_device_eval_batch_size,
+                device=self.args.device,
+                head=self.args.head,
+                backend=self.args.loss_backend,
+                per_token=self.spec.reference == "tokens",
+            )
 
     # ------------------------------------------------------------------------------------------ loss
     def _policy_and_reference(self, model: nn.Module, inputs: dict, prefix: str = "") -> tuple:
@@ -471,7 +562,9 @@ class PreferenceTrainer(Trainer):
         computed in the reference head's own forward (so a sharded reference head is gathered for it) and
         handed to the loss as ``ref_logps``."""
         if self.ref_source == "precomputed":
-            raise ValueError("precompute_ref_log_probs=True but the batch has no precomputed reference log-probs")
+            raise ValueError(
+                "precompute_ref_log_probs=True but the batch has no precomputed reference log-probs"
+            )
         ignore = self.loss_module.ignore_index
         body = {"position_ids": packing["position_ids"]} if packing else {}
         with torch.no_grad():
@@ -514,8 +607,11 @@ class PreferenceTrainer(Trainer):
     def _naive_logps(self, model, inputs, prefix: str = "") -> tuple[Tensor, Tensor | None, Tensor]:
         """``(policy, reference, mask)`` per-token log-probs ``(rows, T-1)`` from full logits, and the
         completion mask (the reference None for a reference-free method)."""
-        ids, mask, labels = (inputs[f"{prefix}input_ids"], inputs[f"{prefix}attention_mask"],
-                             inputs[f"{prefix}labels"])
+        ids, mask, labels = (
+            inputs[f"{prefix}input_ids"],
+            inputs[f"{prefix}attention_mask"],
+            inputs[f"{prefix}labels"],
+        )
         grad = prefix == "" and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad):
             policy = naive_token_logps(model, ids, mask, labels)
@@ -595,8 +691,12 @@ class PreferenceTrainer(Trainer):
             resume_from_checkpoint = os.fspath(resume_from_checkpoint)
             checkpoints.verify(resume_from_checkpoint)
             self._load_prefuse_state(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
 
     def _save_checkpoint(self, model, trial) -> None:
         """The base class's checkpoint, prefuse's state, then -- once every process is done -- the manifest that
@@ -651,23 +751,33 @@ class PreferenceTrainer(Trainer):
     def _load_prefuse_state(self, checkpoint: str) -> None:
         path = self._prefuse_state_file(checkpoint)
         if not os.path.isfile(path):
-            raise ValueError(f"the checkpoint {checkpoint} has no {os.path.basename(path)}: it was saved by another "
-                             f"number of processes than this run's {self.args.world_size}")
+            raise ValueError(
+                f"the checkpoint {checkpoint} has no {os.path.basename(path)}: it was saved by another "
+                f"number of processes than this run's {self.args.world_size}"
+            )
         state = checkpoints.load_state(path)
         if state.get("method") != self.method:
-            raise ValueError(f"the checkpoint {checkpoint} was trained with method {state.get('method')!r}, this "
-                             f"trainer runs {self.method!r}")
+            raise ValueError(
+                f"the checkpoint {checkpoint} was trained with method {state.get('method')!r}, this "
+                f"trainer runs {self.method!r}"
+            )
         if self.ref_source == "copy":
             weights = os.path.join(checkpoint, self.REFERENCE_WEIGHTS_NAME)
             if os.path.isfile(weights):
                 checkpoints.load_weights(self.ref_model, weights, str(self.args.device))
                 self._reference_weights_file = None
             else:
-                warnings.warn(f"{checkpoint} has no {self.REFERENCE_WEIGHTS_NAME} (its reference was "
-                              f"{state.get('ref_source')!r}): the reference is the copy of the model this trainer "
-                              "was built with", stacklevel=3)
+                warnings.warn(
+                    f"{checkpoint} has no {self.REFERENCE_WEIGHTS_NAME} (its reference was "
+                    f"{state.get('ref_source')!r}): the reference is the copy of the model this trainer "
+                    "was built with",
+                    stacklevel=3,
+                )
         elif state.get("ref_source") != self.ref_source:
-            warnings.warn(f"the checkpoint's reference was {state.get('ref_source')!r}, this trainer's is "
-                          f"{self.ref_source!r}: the resumed losses differ from an uninterrupted run", stacklevel=3)
+            warnings.warn(
+                f"the checkpoint's reference was {state.get('ref_source')!r}, this trainer's is "
+                f"{self.ref_source!r}: the resumed losses differ from an uninterrupted run",
+                stacklevel=3,
+            )
         if "sampo_generator" in state and hasattr(self.loss_module, "load_generator_state"):
             self.loss_module.load_generator_state(state["sampo_generator"])

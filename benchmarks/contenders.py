@@ -39,7 +39,11 @@ Forward = Callable[[], Tensor]
 
 LIGER_LOSSES = {"dpo": "LigerFusedLinearDPOLoss", "kto": "LigerFusedLinearKTOLoss"}
 PREFUSE_LOSSES = {
-    "dpo": "DPOLoss", "sampo": "SamPOLoss", "kto": "KTOLoss", "factalign": "FactAlignLoss", "sppo": "SPPOLoss",
+    "dpo": "DPOLoss",
+    "sampo": "SamPOLoss",
+    "kto": "KTOLoss",
+    "factalign": "FactAlignLoss",
+    "sppo": "SPPOLoss",
 }
 OP_PATH_WORKLOADS = ("dpo", "kto")
 """Workloads ``prefuse-op`` runs on (beside ``prefuse``'s loss-fused path)."""
@@ -61,13 +65,21 @@ def _installed(module: str) -> bool:
 def unavailable_reason(case: Case, contender: str) -> str | None:
     """Why ``contender`` cannot run ``case`` on this machine (None if it can); decided without any tensor."""
     workload, cuda = case.workload, case.device == "cuda"
-    if workload == "sampo" and contender in ("naive", "cce") and not _installed("prefuse.alignment.functional"):
+    if (
+        workload == "sampo"
+        and contender in ("naive", "cce")
+        and not _installed("prefuse.alignment.functional")
+    ):
         return "SamPO's shared sampler (prefuse.alignment.functional.sampo_sample_masks) is not importable"
     if contender == "naive":
         return None
     if contender in ("prefuse", "prefuse-op"):
         if workload == "logprobs":
-            return None if contender == "prefuse" else "the core op is the op path (prefuse-op is a loss's op path)"
+            return (
+                None
+                if contender == "prefuse"
+                else "the core op is the op path (prefuse-op is a loss's op path)"
+            )
         if contender == "prefuse-op" and workload not in OP_PATH_WORKLOADS:
             return f"the losses' op path is measured on {' and '.join(OP_PATH_WORKLOADS)}"
         if not _installed("prefuse.alignment"):
@@ -87,7 +99,11 @@ def unavailable_reason(case: Case, contender: str) -> str | None:
                 return "Liger's fused linear cross-entropy is a Triton kernel (no compiled variant)"
             if not cuda:
                 return "Liger's fused linear cross-entropy is Triton-only (needs CUDA)"
-            return None if _installed("liger_kernel.transformers.functional") else "liger-kernel is not installed"
+            return (
+                None
+                if _installed("liger_kernel.transformers.functional")
+                else "liger-kernel is not installed"
+            )
         if workload not in LIGER_LOSSES:
             return f"Liger-Kernel has no {workload} loss"
         if case.head.softcap is not None:
@@ -133,17 +149,26 @@ def _liger(batch: Batch, compiled: bool) -> Forward:
     targets = providers.next_token_targets(batch.labels)
     if workload == "dpo":
         dpo = chunked_loss.LigerFusedLinearDPOLoss(beta=formulas.BETA, compiled=compiled, use_ref_model=True)
-        return lambda: dpo(batch.weight, batch.hidden, targets, ref_input=batch.ref_hidden,
-                           ref_weight=batch.ref_weight)[0]
+        return lambda: dpo(
+            batch.weight, batch.hidden, targets, ref_input=batch.ref_hidden, ref_weight=batch.ref_weight
+        )[0]
     kto = chunked_loss.LigerFusedLinearKTOLoss(beta=formulas.BETA, compiled=compiled, use_ref_model=True)
     kl_targets = providers.next_token_targets(batch.kl_labels)
 
     def forward() -> Tensor:
-        kl_delta = (liger_sequence_logps(batch.kl_hidden, batch.weight, kl_targets)
-                    - liger_sequence_logps(batch.ref_kl_hidden, batch.ref_weight, kl_targets))
+        kl_delta = liger_sequence_logps(batch.kl_hidden, batch.weight, kl_targets) - liger_sequence_logps(
+            batch.ref_kl_hidden, batch.ref_weight, kl_targets
+        )
         z = kl_delta.mean().clamp(min=0)
-        return kto(batch.hidden, batch.weight, targets, preference_labels=batch.desirable,
-                   ref_input=batch.ref_hidden, ref_weight=batch.ref_weight, kl=z)[0]
+        return kto(
+            batch.hidden,
+            batch.weight,
+            targets,
+            preference_labels=batch.desirable,
+            ref_input=batch.ref_hidden,
+            ref_weight=batch.ref_weight,
+            kl=z,
+        )[0]
 
     return forward
 
@@ -154,7 +179,9 @@ def _prefuse(batch: Batch, path: str = "auto") -> Forward:
     if workload == "logprobs":
         from prefuse.kernels import linear_logprobs
 
-        return lambda: linear_logprobs(batch.hidden, batch.weight, batch.labels, shift=True, softcap=batch.softcap)
+        return lambda: linear_logprobs(
+            batch.hidden, batch.weight, batch.labels, shift=True, softcap=batch.softcap
+        )
     from prefuse import alignment
 
     options = {"softcap": batch.softcap, "path": path}
@@ -168,16 +195,38 @@ def _prefuse(batch: Batch, path: str = "auto") -> Forward:
         return lambda: loss(batch.hidden, batch.weight, batch.labels, **refs).loss
     if workload == "sppo":
         loss = alignment.SPPOLoss(beta=formulas.SPPO_BETA, **options)
-        return lambda: loss(batch.hidden, batch.weight, batch.labels, p_chosen=batch.p_chosen,
-                            p_rejected=batch.p_rejected, **refs).loss
+        return lambda: (
+            loss(
+                batch.hidden,
+                batch.weight,
+                batch.labels,
+                p_chosen=batch.p_chosen,
+                p_rejected=batch.p_rejected,
+                **refs,
+            ).loss
+        )
     if workload == "kto":
         loss = alignment.KTOLoss(beta=formulas.BETA, **options)
         return lambda: loss(batch.hidden, batch.weight, batch.labels, batch.desirable, **kl, **refs).loss
-    loss = alignment.FactAlignLoss(beta=formulas.BETA, fg_beta=formulas.FG_BETA,
-                                   fg_undesirable_weight=formulas.FG_UNDESIRABLE_WEIGHT, **options)
-    return lambda: loss(batch.hidden, batch.weight, batch.labels, batch.desirable,
-                        sentence_ids=batch.sentence_ids, sentence_labels=batch.sentence_labels,
-                        kl_sentence_ids=batch.kl_sentence_ids, **kl, **refs).loss
+    loss = alignment.FactAlignLoss(
+        beta=formulas.BETA,
+        fg_beta=formulas.FG_BETA,
+        fg_undesirable_weight=formulas.FG_UNDESIRABLE_WEIGHT,
+        **options,
+    )
+    return lambda: (
+        loss(
+            batch.hidden,
+            batch.weight,
+            batch.labels,
+            batch.desirable,
+            sentence_ids=batch.sentence_ids,
+            sentence_labels=batch.sentence_labels,
+            kl_sentence_ids=batch.kl_sentence_ids,
+            **kl,
+            **refs,
+        ).loss
+    )
 
 
 BUILDERS: dict[str, Callable[[Batch], Forward]] = {

@@ -57,12 +57,19 @@ def versions() -> dict[str, str | None]:
 def git_commit(repo: Path) -> str | None:
     """``HEAD``'s commit of the repository (``+dirty`` with local changes), or None outside git."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10,
-                              check=False)
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10, check=False
+        )
         if head.returncode:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True,
-                               timeout=10, check=False)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -83,6 +90,9 @@ def describe(device: str) -> dict:
     }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        info.update(cuda_version=torch.version.cuda, gpu_memory_bytes=props.total_memory,
-                    gpu_capability=f"{props.major}.{props.minor}")
+        info.update(
+            cuda_version=torch.version.cuda,
+            gpu_memory_bytes=props.total_memory,
+            gpu_capability=f"{props.major}.{props.minor}",
+        )
     return info

@@ -108,7 +108,7 @@ def _labels(src: _Source, case: Case, rows: int, *, short_rows: slice | None = N
         pads = (src.uniform(len(idx)) * (completion // 2)).long().tolist()
         for row, pad in zip(idx, pads):
             if pad:
-                labels[row, case.seq_len - pad:] = IGNORE_INDEX
+                labels[row, case.seq_len - pad :] = IGNORE_INDEX
     return labels
 
 

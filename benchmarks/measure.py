@@ -118,9 +118,11 @@ def _cuda_time(step: Callable[[], Tensor]) -> tuple[float, Tensor]:
 
 def _timed_repeats(step: Callable[[], Tensor], clock, timing: Timing) -> list[float]:
     samples: list[float] = []
-    while len(samples) < timing.max_repeats and (
-        len(samples) < timing.min_repeats or sum(samples) < timing.min_time_s
-    ) and not (samples and sum(samples) >= timing.max_time_s):
+    while (
+        len(samples) < timing.max_repeats
+        and (len(samples) < timing.min_repeats or sum(samples) < timing.min_time_s)
+        and not (samples and sum(samples) >= timing.max_time_s)
+    ):
         seconds, _ = clock(step)
         samples.append(seconds)
     return samples
@@ -174,7 +176,9 @@ def _measure_cpu(step, batch: Batch, timing: Timing, record: dict, warm_first: b
     base = current_rss()
     seconds, out = _cpu_time(step)
     record["memory"] = {
-        "peak_bytes": max(0, peak_rss() - base), "baseline_bytes": base, "method": "peak RSS, fresh process",
+        "peak_bytes": max(0, peak_rss() - base),
+        "baseline_bytes": base,
+        "method": "peak RSS, fresh process",
         "high_water_reset": reset,
     }
     first = out if first is None else first
@@ -199,7 +203,8 @@ def _measure_cuda(step, batch: Batch, timing: Timing, record: dict) -> Tensor:
     step()
     torch.cuda.synchronize()
     record["memory"] = {
-        "peak_bytes": max(0, torch.cuda.max_memory_allocated() - base), "baseline_bytes": base,
+        "peak_bytes": max(0, torch.cuda.max_memory_allocated() - base),
+        "baseline_bytes": base,
         "method": "CUDA allocator peak",
     }
     samples = _timed_repeats(step, _cuda_time, timing)
@@ -208,8 +213,12 @@ def _measure_cuda(step, batch: Batch, timing: Timing, record: dict) -> Tensor:
 
 
 def _time_stats(samples: list[float], first_s: float | None = None) -> dict:
-    stats = {"median_s": statistics.median(samples), "min_s": min(samples), "repeats": len(samples),
-             "samples_s": samples}
+    stats = {
+        "median_s": statistics.median(samples),
+        "min_s": min(samples),
+        "repeats": len(samples),
+        "samples_s": samples,
+    }
     if first_s is not None:
         stats["first_step_s"] = first_s
     return stats

@@ -60,7 +60,9 @@ class Case:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; one of {MODES}")
         if self.mode == "fwd" and self.workload != "logprobs":
-            raise ValueError("only the core op (logprobs) is measured forward-only; losses are forward+backward")
+            raise ValueError(
+                "only the core op (logprobs) is measured forward-only; losses are forward+backward"
+            )
         if self.workload in ("dpo", "sampo", "sppo") and self.rows % 2:
             raise ValueError(f"{self.workload} is paired: rows must be even (chosen [:B], rejected [B:])")
         if not 0.0 <= self.prompt_frac < 1.0:
@@ -116,7 +118,9 @@ class Sweep:
 
     def cases(self, head: Head, device: str) -> list[Case]:
         return [
-            Case(self.workload, head, r, self.seq_len, self.prompt_frac, self.trainable_head, self.mode, device)
+            Case(
+                self.workload, head, r, self.seq_len, self.prompt_frac, self.trainable_head, self.mode, device
+            )
             for r in self.rows
         ]
 
@@ -174,8 +178,14 @@ GEMMA2_2B = Head("gemma2-2b", 2304, 256_000, "bfloat16", softcap=30.0)
 GEMMA2_9B = Head("gemma2-9b", 3584, 256_000, "bfloat16", softcap=30.0)
 
 
-def _standard_sweeps(rows: tuple[int, ...], kto_rows: tuple[int, ...], point: int, small: int, seq_len: int,
-                     dpo_prompt_0: bool = True) -> tuple:
+def _standard_sweeps(
+    rows: tuple[int, ...],
+    kto_rows: tuple[int, ...],
+    point: int,
+    small: int,
+    seq_len: int,
+    dpo_prompt_0: bool = True,
+) -> tuple:
     """The report's sections: the core op, DPO and KTO over a sweep of row counts at prompt 50% with a
     trainable head; the core op forward-only; single points for prompt 0% and a frozen head (``point`` rows);
     SamPO, FactAlign and SPPO at ``small`` rows."""
@@ -196,50 +206,84 @@ def _standard_sweeps(rows: tuple[int, ...], kto_rows: tuple[int, ...], point: in
 
 PRESETS: dict[str, Preset] = {
     "cpu": Preset(
-        "cpu", "cpu",
+        "cpu",
+        "cpu",
         "CPU report: D=1024, V=32,000, fp32, 512-token sequences; DPO at 4/8/16 sequences (the core-op issue's "
         "shape and larger batches), KTO at 2/4/8 rows + as many KL rows, the core op at 1k-4k tokens",
-        ((CPU_HEAD, _standard_sweeps(rows=(4, 8, 16), kto_rows=(2, 4, 8), point=4, small=2, seq_len=512,
-                                     dpo_prompt_0=False)),),
+        (
+            (
+                CPU_HEAD,
+                _standard_sweeps(
+                    rows=(4, 8, 16), kto_rows=(2, 4, 8), point=4, small=2, seq_len=512, dpo_prompt_0=False
+                ),
+            ),
+        ),
         Timing(warmup=1, min_repeats=2, max_repeats=10, min_time_s=2.0, max_time_s=6.0, timeout_s=900.0),
         contenders=("naive", "trl", "liger", "cce", "prefuse-op", "prefuse"),
         errors_at="smallest",
     ),
     "cpu-quick": Preset(
-        "cpu-quick", "cpu",
+        "cpu-quick",
+        "cpu",
         "short CPU report: D=1024, V=32,000, fp32, 256-token sequences",
-        ((CPU_HEAD, (
-            Sweep("logprobs", (2, 4), 256),
-            Sweep("logprobs", (2, 4), 256, mode="fwd"),
-            Sweep("dpo", (2, 4), 256),
-            Sweep("dpo", (2,), 256, trainable_head=False),
-            Sweep("sampo", (2,), 256),
-            Sweep("kto", (2, 4), 256),
-            Sweep("factalign", (2,), 256),
-            Sweep("sppo", (2,), 256),
-        )),),
+        (
+            (
+                CPU_HEAD,
+                (
+                    Sweep("logprobs", (2, 4), 256),
+                    Sweep("logprobs", (2, 4), 256, mode="fwd"),
+                    Sweep("dpo", (2, 4), 256),
+                    Sweep("dpo", (2,), 256, trainable_head=False),
+                    Sweep("sampo", (2,), 256),
+                    Sweep("kto", (2, 4), 256),
+                    Sweep("factalign", (2,), 256),
+                    Sweep("sppo", (2,), 256),
+                ),
+            ),
+        ),
         Timing(warmup=1, min_repeats=2, max_repeats=5, min_time_s=0.5, timeout_s=600.0),
         contenders=("naive", "trl", "liger", "cce", "prefuse-op", "prefuse"),
     ),
     "cuda": Preset(
-        "cuda", "cuda",
+        "cuda",
+        "cuda",
         "GPU report: Llama-3-8B head (D=4096, V=128,256) and Gemma-2 2B/9B heads (V=256,000, softcap 30), bf16, "
         "1,024-token sequences",
         (
-            (LLAMA3_8B, _standard_sweeps(rows=(4, 8, 16, 32), kto_rows=(4, 8, 16, 32), point=8, small=8,
-                                         seq_len=1024)),
-            (GEMMA2_9B, (Sweep("logprobs", (4, 8, 16, 32), 1024), Sweep("dpo", (4, 8, 16, 32), 1024),
-                         Sweep("kto", (4, 8, 16), 1024))),
+            (
+                LLAMA3_8B,
+                _standard_sweeps(
+                    rows=(4, 8, 16, 32), kto_rows=(4, 8, 16, 32), point=8, small=8, seq_len=1024
+                ),
+            ),
+            (
+                GEMMA2_9B,
+                (
+                    Sweep("logprobs", (4, 8, 16, 32), 1024),
+                    Sweep("dpo", (4, 8, 16, 32), 1024),
+                    Sweep("kto", (4, 8, 16), 1024),
+                ),
+            ),
             (GEMMA2_2B, (Sweep("logprobs", (4, 8, 16, 32), 1024), Sweep("dpo", (4, 8, 16, 32), 1024))),
         ),
         Timing(warmup=3, min_repeats=10, max_repeats=50, min_time_s=1.0, timeout_s=900.0),
     ),
     "cuda-quick": Preset(
-        "cuda-quick", "cuda",
+        "cuda-quick",
+        "cuda",
         "short GPU report: Llama-3-8B and Gemma-2 9B heads, bf16, 1,024-token sequences",
         (
-            (LLAMA3_8B, (Sweep("logprobs", (4, 8), 1024), Sweep("dpo", (4, 8), 1024), Sweep("kto", (4, 8), 1024),
-                         Sweep("sampo", (4,), 1024), Sweep("factalign", (4,), 1024), Sweep("sppo", (4,), 1024))),
+            (
+                LLAMA3_8B,
+                (
+                    Sweep("logprobs", (4, 8), 1024),
+                    Sweep("dpo", (4, 8), 1024),
+                    Sweep("kto", (4, 8), 1024),
+                    Sweep("sampo", (4,), 1024),
+                    Sweep("factalign", (4,), 1024),
+                    Sweep("sppo", (4,), 1024),
+                ),
+            ),
             (GEMMA2_9B, (Sweep("logprobs", (4, 8), 1024), Sweep("dpo", (4, 8), 1024))),
         ),
         Timing(warmup=3, min_repeats=5, max_repeats=20, min_time_s=0.5, timeout_s=600.0),
@@ -261,7 +305,9 @@ def smoke_preset(device: str = "cpu") -> Preset:
         Sweep("sppo", (2,), 32),
     )
     return Preset(
-        f"{device}-smoke", device, "smoke pass: tiny shapes (D=64, V=512, 32-token sequences)",
+        f"{device}-smoke",
+        device,
+        "smoke pass: tiny shapes (D=64, V=512, 32-token sequences)",
         ((TINY_HEAD, sweeps), (TINY_SOFTCAP_HEAD, (Sweep("logprobs", (2,), 32), Sweep("dpo", (2,), 32)))),
         Timing(warmup=1, min_repeats=1, max_repeats=2, min_time_s=0.0, timeout_s=300.0),
         contenders=("naive", "trl", "liger", "cce", "prefuse-op", "prefuse"),

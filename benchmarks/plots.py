@@ -39,16 +39,25 @@ def write_plots(out_dir: Path, secs: dict) -> dict[tuple, str] | None:
         workload, head, variant = key
         fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
         for name in CONTENDERS:
-            pts = sorted((recs[name]["tokens"], recs[name]["memory"]["peak_bytes"] / MIB,
-                          recs[name]["time"]["median_s"] * 1e3)
-                         for recs in section.values() if name in recs and recs[name]["status"] == "ok")
+            pts = sorted(
+                (
+                    recs[name]["tokens"],
+                    recs[name]["memory"]["peak_bytes"] / MIB,
+                    recs[name]["time"]["median_s"] * 1e3,
+                )
+                for recs in section.values()
+                if name in recs and recs[name]["status"] == "ok"
+            )
             if not pts:
                 continue
             color, marker = STYLE[name]
             tokens = [p[0] for p in pts]
             ax_mem.plot(tokens, [p[1] for p in pts], color=color, marker=marker, label=name)
             ax_time.plot(tokens, [p[2] for p in pts], color=color, marker=marker, label=name)
-        for ax, ylabel in ((ax_mem, "peak memory above inputs (MiB)"), (ax_time, "median time per step (ms)")):
+        for ax, ylabel in (
+            (ax_mem, "peak memory above inputs (MiB)"),
+            (ax_time, "median time per step (ms)"),
+        ):
             ax.set_xlabel("tokens (policy rows × sequence length)")
             ax.set_ylabel(ylabel)
             ax.set_ylim(bottom=0)

@@ -58,7 +58,11 @@ def liger_flce_logps(hidden: Tensor, weight: Tensor, labels: Tensor, softcap: fl
 
     rows, steps, dim = hidden.shape
     ce = liger_fused_linear_cross_entropy(
-        hidden.reshape(-1, dim), weight, next_token_targets(labels).reshape(-1), reduction="none", softcap=softcap
+        hidden.reshape(-1, dim),
+        weight,
+        next_token_targets(labels).reshape(-1),
+        reduction="none",
+        softcap=softcap,
     )
     return -ce.view(rows, steps)[:, :-1]
 
@@ -89,11 +93,21 @@ def trl_logps(hidden: Tensor, weight: Tensor, labels: Tensor, softcap: float | N
     states, targets = hidden[:, :-1], labels[:, 1:]
     mask = targets != IGNORE_INDEX
     if _use_triton(hidden.device):
-        logps = ChunkedLogProbFunction.apply(states[mask], weight, None, targets[mask], 1.0, chunk, softcap, 1.0,
-                                             ())[0]
+        logps = ChunkedLogProbFunction.apply(
+            states[mask], weight, None, targets[mask], 1.0, chunk, softcap, 1.0, ()
+        )[0]
         return logps.new_zeros(mask.shape).masked_scatter(mask, logps)
-    logps = ChunkedLogProbFunction.apply(states.reshape(-1, states.shape[-1]), weight, None,
-                                         targets.clamp(min=0).reshape(-1), 1.0, chunk, softcap, 1.0, ())[0]
+    logps = ChunkedLogProbFunction.apply(
+        states.reshape(-1, states.shape[-1]),
+        weight,
+        None,
+        targets.clamp(min=0).reshape(-1),
+        1.0,
+        chunk,
+        softcap,
+        1.0,
+        (),
+    )[0]
     return logps.view(mask.shape).masked_fill(~mask, 0.0)
 
 

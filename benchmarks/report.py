@@ -109,8 +109,11 @@ def memory_slopes(section: dict, names: list[str]) -> dict[str, float]:
     """Least-squares slope of peak memory (bytes) per token over the sweep, per contender (≥ 2 points)."""
     slopes = {}
     for name in names:
-        pts = [(recs[name]["tokens"], recs[name]["memory"]["peak_bytes"])
-               for recs in section.values() if _ok(recs.get(name))]
+        pts = [
+            (recs[name]["tokens"], recs[name]["memory"]["peak_bytes"])
+            for recs in section.values()
+            if _ok(recs.get(name))
+        ]
         if len(pts) < 2:
             continue
         mx = sum(x for x, _ in pts) / len(pts)
@@ -124,34 +127,60 @@ def memory_slopes(section: dict, names: list[str]) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------ tables
 def section_table(section: dict, names: list[str]) -> list[str]:
     baselines = [n for n in names if n != "prefuse"] if "prefuse" in names else []
-    header = ["shape", "tokens (scored)", *names, *(f"prefuse/{b}" for b in baselines),
-              f"error vs fp64 ({' / '.join(names)})"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|"]
+    header = [
+        "shape",
+        "tokens (scored)",
+        *names,
+        *(f"prefuse/{b}" for b in baselines),
+        f"error vs fp64 ({' / '.join(names)})",
+    ]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|",
+    ]
     for by_contender in section.values():
         any_rec = next(iter(by_contender.values()))
         shape = _shape(any_rec)
         scored = next((r["scored_tokens"] for r in by_contender.values() if "scored_tokens" in r), None)
         tokens = f"{any_rec['tokens']:,}" + (f" ({scored:,})" if scored is not None else "")
-        row = [shape, tokens, *(cell(by_contender.get(n)) for n in names),
-               *(ratio_cell(by_contender.get("prefuse"), by_contender.get(b)) for b in baselines),
-               error_cell(by_contender, names)]
+        row = [
+            shape,
+            tokens,
+            *(cell(by_contender.get(n)) for n in names),
+            *(ratio_cell(by_contender.get("prefuse"), by_contender.get(b)) for b in baselines),
+            error_cell(by_contender, names),
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
 
 def summary_table(secs: OrderedDict) -> list[str]:
     """One row per section at its largest shape: every contender measured anywhere, and prefuse's ratios."""
-    measured = {rec["contender"] for section in secs.values() for by in section.values() for rec in by.values()
-                if rec["status"] != "skipped"}
+    measured = {
+        rec["contender"]
+        for section in secs.values()
+        for by in section.values()
+        for rec in by.values()
+        if rec["status"] != "skipped"
+    }
     names = [c for c in CONTENDERS if c in measured]
     baselines = [n for n in names if n != "prefuse"] if "prefuse" in names else []
     header = ["workload", "variant", "head", "shape", *names, *(f"prefuse/{b}" for b in baselines)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(header) - 4)) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] * 4 + ["---:"] * (len(header) - 4)) + "|",
+    ]
     for (workload, head, variant), section in secs.items():
         largest = section[max(section)]
         mine = largest.get("prefuse")
-        row = [workload, variant, head, _shape(next(iter(largest.values()))),
-               *(cell(largest.get(n)) for n in names), *(ratio_cell(mine, largest.get(b)) for b in baselines)]
+        row = [
+            workload,
+            variant,
+            head,
+            _shape(next(iter(largest.values()))),
+            *(cell(largest.get(n)) for n in names),
+            *(ratio_cell(mine, largest.get(b)) for b in baselines),
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -221,8 +250,10 @@ def markdown(meta: dict, results: list[dict], plots: dict[tuple, str]) -> str:
         if head_info:
             text = f"Head: {head_info['description']}."
             if "trainable head" in variant and "vocab" in head_info:
-                text += (f" The head's gradient ({fmt_mem(_head_gradient_bytes(head_info))}) is part of every "
-                         "memory figure.")
+                text += (
+                    f" The head's gradient ({fmt_mem(_head_gradient_bytes(head_info))}) is part of every "
+                    "memory figure."
+                )
             out += [text, ""]
         if names:
             out += section_table(section, names)
@@ -230,8 +261,12 @@ def markdown(meta: dict, results: list[dict], plots: dict[tuple, str]) -> str:
         if slopes:
             growth = ", ".join(f"{n} {fmt_mem(s * 1000)}" for n, s in slopes.items())
             out += ["", f"Peak-memory growth per 1,000 tokens (least squares over the sweep): {growth}."]
-        problems = [f"{n} at {r} rows: {rec['status']} ({rec.get('reason', '')})"
-                    for r, by in section.items() for n, rec in by.items() if rec["status"] in ("failed", "oom")]
+        problems = [
+            f"{n} at {r} rows: {rec['status']} ({rec.get('reason', '')})"
+            for r, by in section.items()
+            for n, rec in by.items()
+            if rec["status"] in ("failed", "oom")
+        ]
         if problems:
             out += ["", "Failures: " + "; ".join(problems) + "."]
         if skipped:
@@ -264,13 +299,17 @@ def write(out_dir: Path, meta: dict, results: list[dict], *, plots: bool = True)
 
 
 def preset_meta(preset: Preset) -> dict:
-    timing = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
-              for k, v in dataclasses.asdict(preset.timing).items()}
+    timing = {
+        k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+        for k, v in dataclasses.asdict(preset.timing).items()
+    }
     return {
         "preset": preset.name,
         "preset_description": preset.description,
-        "heads": {head.name: {**dataclasses.asdict(head), "description": head.describe()}
-                  for head, _ in preset.heads},
+        "heads": {
+            head.name: {**dataclasses.asdict(head), "description": head.describe()}
+            for head, _ in preset.heads
+        },
         "timing": timing,
         "errors_at": preset.errors_at,
     }

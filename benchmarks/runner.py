@@ -24,8 +24,14 @@ from benchmarks.accuracy import error_of, reference_output
 from benchmarks.measure import measure
 from benchmarks.plan import Case, Timing
 
-PRELOAD = ["torch", "benchmarks.measure", "prefuse.kernels", "prefuse.alignment", "liger_kernel.chunked_loss",
-           "trl.kernels.chunked_logprob"]
+PRELOAD = [
+    "torch",
+    "benchmarks.measure",
+    "prefuse.kernels",
+    "prefuse.alignment",
+    "liger_kernel.chunked_loss",
+    "trl.kernels.chunked_logprob",
+]
 """Modules the forkserver imports once (a missing one is skipped)."""
 
 Log = Callable[[str], None]
@@ -44,7 +50,11 @@ def _measure_safely(case: Case, contender: str, timing: Timing):
     except contenders.Unavailable as exc:
         return {"status": "skipped", "reason": str(exc)}, None
     except Exception as exc:  # noqa: BLE001 - a contender that crashes is a result, not the end of the report
-        return {"status": "failed", "reason": _describe_failure(exc), "traceback": traceback.format_exc()}, None
+        return {
+            "status": "failed",
+            "reason": _describe_failure(exc),
+            "traceback": traceback.format_exc(),
+        }, None
 
 
 def _child(conn, case: Case, contender: str, timing: Timing) -> None:
@@ -99,9 +109,18 @@ def in_process(case: Case, contender: str, timing: Timing):
 def case_record(case: Case, contender: str) -> dict:
     """The identifying fields of one result row."""
     return {
-        "workload": case.workload, "head": case.head.name, "variant": case.variant, "rows": case.rows,
-        "seq_len": case.seq_len, "tokens": case.tokens, "kl_rows": case.kl_rows, "prompt_frac": case.prompt_frac,
-        "trainable_head": case.trainable_head, "mode": case.mode, "contender": contender, "case": case.to_dict(),
+        "workload": case.workload,
+        "head": case.head.name,
+        "variant": case.variant,
+        "rows": case.rows,
+        "seq_len": case.seq_len,
+        "tokens": case.tokens,
+        "kl_rows": case.kl_rows,
+        "prompt_frac": case.prompt_frac,
+        "trainable_head": case.trainable_head,
+        "mode": case.mode,
+        "contender": contender,
+        "case": case.to_dict(),
     }
 
 
@@ -115,8 +134,15 @@ def _fmt_record(record: dict) -> str:
     return text
 
 
-def run_cases(cases: Iterable[Case], contender_names: Iterable[str], timing: Timing, *, isolate: bool,
-              log: Log = print, check: Callable[[Case], bool] = lambda case: True) -> list[dict]:
+def run_cases(
+    cases: Iterable[Case],
+    contender_names: Iterable[str],
+    timing: Timing,
+    *,
+    isolate: bool,
+    log: Log = print,
+    check: Callable[[Case], bool] = lambda case: True,
+) -> list[dict]:
     """Measure every contender on every case; returns one record per (case, contender), with the errors
     against float64 of the cases where ``check(case)``."""
     cases, names = list(cases), list(contender_names)
@@ -144,7 +170,9 @@ def run_cases(cases: Iterable[Case], contender_names: Iterable[str], timing: Tim
             reference = reference_output(case)
             for record in case_results:
                 if record["contender"] in outputs:
-                    record["error"], record["error_kind"] = error_of(case, outputs[record["contender"]], reference)
+                    record["error"], record["error_kind"] = error_of(
+                        case, outputs[record["contender"]], reference
+                    )
             errors = ", ".join(f"{r['contender']} {r['error']:.1e}" for r in case_results if "error" in r)
             log(f"    errors vs float64: {errors}")
         results.extend(case_results)

@@ -40,7 +40,11 @@ def _smallest_per_sweep() -> list[Case]:
 
 
 PARAMS = [
-    pytest.param(case, name, id=f"{case.workload}-{case.head.name}-{slug(case.variant)}-{case.rows}x{case.seq_len}-{name}")
+    pytest.param(
+        case,
+        name,
+        id=f"{case.workload}-{case.head.name}-{slug(case.variant)}-{case.rows}x{case.seq_len}-{name}",
+    )
     for case in _smallest_per_sweep()
     for name in PRESET.contenders
 ]
@@ -74,7 +78,11 @@ def test_workload(benchmark, case: Case, contender: str) -> None:
     error, kind = error_of(case, first.double(), _reference(case))
     assert error <= tolerance(case), f"{contender}: {kind} {error:.2e} > {tolerance(case):.0e}"
     benchmark.extra_info.update(
-        error=error, error_kind=kind, tokens=case.tokens, scored_tokens=batch.scored_tokens(),
-        head=case.head.describe(), variant=case.variant,
+        error=error,
+        error_kind=kind,
+        tokens=case.tokens,
+        scored_tokens=batch.scored_tokens(),
+        head=case.head.describe(),
+        variant=case.variant,
     )
     benchmark.pedantic(step, rounds=PRESET.timing.min_repeats + 1, iterations=1, warmup_rounds=0)

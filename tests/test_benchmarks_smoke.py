@@ -22,7 +22,9 @@ from benchmarks.accuracy import tolerance
 from benchmarks.plan import Case, get_preset
 from benchmarks.runner import in_process, run_cases
 
-pytestmark = pytest.mark.slow  # runs the benchmark suite in subprocesses: CI runs it, `-m "not slow"` skips it
+pytestmark = (
+    pytest.mark.slow
+)  # runs the benchmark suite in subprocesses: CI runs it, `-m "not slow"` skips it
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,8 +57,11 @@ def smoke_results() -> list[dict]:
 
 def test_every_workload_runs_and_matches_the_reference(smoke_results):
     assert {r["workload"] for r in smoke_results} == {"logprobs", "dpo", "sampo", "kto", "factalign", "sppo"}
-    failed = [(r["workload"], r["contender"], r.get("reason")) for r in smoke_results if r["status"] != "ok"
-              and r["status"] != "skipped"]
+    failed = [
+        (r["workload"], r["contender"], r.get("reason"))
+        for r in smoke_results
+        if r["status"] != "ok" and r["status"] != "skipped"
+    ]
     assert not failed
     for rec in smoke_results:
         if rec["status"] != "ok":
@@ -90,10 +95,22 @@ def test_contenders_run_where_they_exist_and_say_why_not(smoke_results):
 
 def test_report_files_from_results(smoke_results, tmp_path):
     meta = {
-        "device": "cpu", "device_name": "test CPU", "cpu_model": "test", "torch_threads": 1, "started": "now",
-        "duration_s": 1.0, "command": "python -m benchmarks --smoke", "memory_method": "in-process",
-        "versions": {"python": "3", "torch": "2", "triton": None, "liger-kernel": None, "cut-cross-entropy": None,
-                     "prefuse": "0"},
+        "device": "cpu",
+        "device_name": "test CPU",
+        "cpu_model": "test",
+        "torch_threads": 1,
+        "started": "now",
+        "duration_s": 1.0,
+        "command": "python -m benchmarks --smoke",
+        "memory_method": "in-process",
+        "versions": {
+            "python": "3",
+            "torch": "2",
+            "triton": None,
+            "liger-kernel": None,
+            "cut-cross-entropy": None,
+            "prefuse": "0",
+        },
         **report.preset_meta(get_preset("cpu", smoke=True)),
     }
     paths = report.write(tmp_path, meta, smoke_results)
@@ -134,9 +151,24 @@ def test_measurement_in_a_fresh_process_grows_with_tokens():
 
 def test_command_line_writes_json_markdown_and_plots(tmp_path):
     proc = processes.run(
-        [sys.executable, "-m", "benchmarks", "--device", "cpu", "--smoke", "--only", "dpo",
-         "--out", str(tmp_path)],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--device",
+            "cpu",
+            "--smoke",
+            "--only",
+            "dpo",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (out_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
@@ -145,7 +177,9 @@ def test_command_line_writes_json_markdown_and_plots(tmp_path):
     meta = data["meta"]
     for key in ("python", "torch", "triton", "trl", "liger-kernel", "cut-cross-entropy"):
         assert key in meta["versions"]
-    assert meta["cpu_model"] and meta["device_name"] and meta["memory_method"].startswith("peak RSS of a fresh")
+    assert (
+        meta["cpu_model"] and meta["device_name"] and meta["memory_method"].startswith("peak RSS of a fresh")
+    )
     assert {r["workload"] for r in data["results"]} == {"dpo"}
     assert "| shape |" in (out_dir / "results.md").read_text()
     assert "| shape |" in proc.stdout  # the table is printed
@@ -156,9 +190,23 @@ def test_command_line_writes_json_markdown_and_plots(tmp_path):
 def test_pytest_benchmark_entry_collects_and_runs():
     pytest.importorskip("pytest_benchmark")
     proc = processes.run(
-        [sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-disable", "-q", "-p", "no:cacheprovider",
-         "-k", "tiny-d64-v512 and (naive or trl or prefuse) and not fwd-prompt"],
-        cwd=REPO, env={**_env(), "PREFUSE_BENCH_PRESET": "smoke"}, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "benchmarks/",
+            "--benchmark-disable",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "tiny-d64-v512 and (naive or trl or prefuse) and not fwd-prompt",
+        ],
+        cwd=REPO,
+        env={**_env(), "PREFUSE_BENCH_PRESET": "smoke"},
+        capture_output=True,
+        text=True,
+        timeout=600,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,6 +1,5 @@
 """``prefuse.alignment.data``: bundled data, the locally trained tokenizer, tokenisation and collators."""
 
-
 import pytest
 import torch
 
@@ -34,7 +33,10 @@ def test_bundled_file_is_the_generators_output():
 
 def test_bundled_records_carry_every_methods_fields():
     records = read_records()
-    assert sum(r["split"] == "train" for r in records) == 320 and sum(r["split"] == "test" for r in records) == 32
+    assert (
+        sum(r["split"] == "train" for r in records) == 320
+        and sum(r["split"] == "test" for r in records) == 32
+    )
     for r in records:
         assert r["chosen"] != r["rejected"]
         for side in ("chosen", "rejected"):
@@ -45,8 +47,11 @@ def test_bundled_records_carry_every_methods_fields():
         assert all(r["chosen_sentence_labels"])  # chosen answers state only supported facts
         assert 0 <= r["p_rejected"] < 0.5 < r["p_chosen"] <= 1 and r["s_rejected"] < 0 < r["s_chosen"]
     paired = load_preference_data("paired")
-    assert paired.column_names == ["prompt", "chosen", "rejected", "p_chosen", "p_rejected", "s_chosen",
-                                   "s_rejected"] and len(paired) == 320
+    assert (
+        paired.column_names
+        == ["prompt", "chosen", "rejected", "p_chosen", "p_rejected", "s_chosen", "s_rejected"]
+        and len(paired) == 320
+    )
     unpaired = load_preference_data("unpaired", "test")
     assert len(unpaired) == 64 and unpaired["label"][:2] == [True, False]
     assert set(unpaired.column_names) == {"prompt", "completion", "label", "sentences", "sentence_labels"}
@@ -68,8 +73,13 @@ def test_tokenizer_is_trained_locally_and_deterministic(tok):
 
 def test_chat_template_split_into_prompt_and_completion(tok):
     enc = encode_example(tok, "What is 7 plus 2?", "Sure! 7 plus 2 is 9.")
-    full = tok.apply_chat_template([{"role": "user", "content": "What is 7 plus 2?"},
-                                    {"role": "assistant", "content": "Sure! 7 plus 2 is 9."}], tokenize=False)
+    full = tok.apply_chat_template(
+        [
+            {"role": "user", "content": "What is 7 plus 2?"},
+            {"role": "assistant", "content": "Sure! 7 plus 2 is 9."},
+        ],
+        tokenize=False,
+    )
     assert tok.decode(enc["prompt_input_ids"] + enc["completion_input_ids"]) == full
     assert enc["prompt_input_ids"][0] == tok.bos_token_id
     assert tok.decode(enc["prompt_input_ids"]).endswith("<|assistant|>\n")
@@ -95,7 +105,9 @@ def _sentence_texts(tok, enc):
 def test_sentence_ids_follow_the_offset_mapping(tok):
     answer = "Sure! The capital of Kalo is Venmi. Venmi lies near a green lake. Hope this helps."
     sentences = ["The capital of Kalo is Venmi.", "Venmi lies near a green lake."]
-    enc = encode_example(tok, "Tell me about Kalo.", answer, sentences=sentences, sentence_labels=[True, False])
+    enc = encode_example(
+        tok, "Tell me about Kalo.", answer, sentences=sentences, sentence_labels=[True, False]
+    )
     assert _sentence_texts(tok, enc) == sentences
     assert enc["sentence_labels"] == [True, False]
     ids = enc["completion_sentence_ids"]
@@ -114,16 +126,23 @@ def test_truncation_never_leaves_a_wrong_sentence_id(tok, partial):
     prompt_len = len(full["prompt_input_ids"])
     second = [i for i, s in enumerate(full["completion_sentence_ids"]) if s == 1]
     cut = second[len(second) // 2]  # keep the first half of sentence 1
-    enc = encode_example(tok, "Q?", answer, sentences=sentences, sentence_labels=labels,
-                         max_length=prompt_len + cut, partial_sentences=partial)
+    enc = encode_example(
+        tok,
+        "Q?",
+        answer,
+        sentences=sentences,
+        sentence_labels=labels,
+        max_length=prompt_len + cut,
+        partial_sentences=partial,
+    )
     assert len(enc["completion_input_ids"]) == cut
     ids = enc["completion_sentence_ids"]
     assert ids[: second[0]] == full["completion_sentence_ids"][: second[0]]  # sentence 0 intact
     if partial == "drop":
         assert enc["sentence_labels"] == [True] and set(ids) == {-1, 0}
-        assert all(s == -1 for s in ids[second[0]:])
+        assert all(s == -1 for s in ids[second[0] :])
     else:  # the cut sentence keeps its surviving tokens, its id and label
-        assert enc["sentence_labels"] == [True, False] and ids[second[0]:] == [1] * (cut - second[0])
+        assert enc["sentence_labels"] == [True, False] and ids[second[0] :] == [1] * (cut - second[0])
     # every token carrying an id is part of that sentence's text
     kept = [s for s, k in zip(sentences, [True, partial == "keep"]) if k]
     for sid, text in enumerate(_sentence_texts(tok, enc)):
@@ -131,33 +150,55 @@ def test_truncation_never_leaves_a_wrong_sentence_id(tok, partial):
 
 
 def test_truncation_rules():
-    assert truncate(list(range(10)), list(range(100, 110)), max_prompt_length=4) == ([6, 7, 8, 9],
-                                                                                      list(range(100, 110)))
+    assert truncate(list(range(10)), list(range(100, 110)), max_prompt_length=4) == (
+        [6, 7, 8, 9],
+        list(range(100, 110)),
+    )
     assert truncate([1, 2, 3], [4, 5, 6, 7], max_length=5) == ([1, 2, 3], [4, 5])
     assert truncate([1, 2, 3, 4, 5, 6], [7, 8], max_length=4) == ([4, 5, 6], [7])  # one completion token left
     # sentence 1 lost all its tokens, sentence 2 one of its three
-    assert compact_sentences([-1, 2, 2, -1, 0], [True, False, True], [1, 4, 3], "drop") == ([-1, -1, -1, -1, 0],
-                                                                                         [True])
-    assert compact_sentences([-1, 2, 2, -1, 0], [True, False, True], [1, 4, 3], "keep") == ([-1, 1, 1, -1, 0],
-                                                                                         [True, True])
-    assert compact_sentences([-1, 2, 2, -1, 0], [True, False, True], [1, 4, 2], "drop") == ([-1, 1, 1, -1, 0],
-                                                                                         [True, True])
+    assert compact_sentences([-1, 2, 2, -1, 0], [True, False, True], [1, 4, 3], "drop") == (
+        [-1, -1, -1, -1, 0],
+        [True],
+    )
+    assert compact_sentences([-1, 2, 2, -1, 0], [True, False, True], [1, 4, 3], "keep") == (
+        [-1, 1, 1, -1, 0],
+        [True, True],
+    )
+    assert compact_sentences([-1, 2, 2, -1, 0], [True, False, True], [1, 4, 2], "drop") == (
+        [-1, 1, 1, -1, 0],
+        [True, True],
+    )
 
 
 def test_tokenize_datasets(tok):
-    paired = tokenize_preference_data(load_preference_data("paired", limit=8), tok, max_length=40,
-                                      max_prompt_length=16)
-    assert set(paired.column_names) == {"prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "p_chosen",
-                                        "p_rejected", "s_chosen", "s_rejected"}
+    paired = tokenize_preference_data(
+        load_preference_data("paired", limit=8), tok, max_length=40, max_prompt_length=16
+    )
+    assert set(paired.column_names) == {
+        "prompt_input_ids",
+        "chosen_input_ids",
+        "rejected_input_ids",
+        "p_chosen",
+        "p_rejected",
+        "s_chosen",
+        "s_rejected",
+    }
     for ex in paired:
         assert len(ex["prompt_input_ids"]) <= 16
-        assert len(ex["prompt_input_ids"]) + max(len(ex["chosen_input_ids"]), len(ex["rejected_input_ids"])) <= 40
+        assert (
+            len(ex["prompt_input_ids"]) + max(len(ex["chosen_input_ids"]), len(ex["rejected_input_ids"]))
+            <= 40
+        )
     unpaired = tokenize_preference_data(load_preference_data("unpaired", limit=4), tok)
     assert "completion_sentence_ids" in unpaired.column_names and len(unpaired) == 8
     no_sent = tokenize_preference_data(load_preference_data("unpaired", limit=4), tok, sentences=False)
     assert "completion_sentence_ids" not in no_sent.column_names
     kto = unpair(load_preference_data("paired", limit=3))
-    assert kto["label"] == [True, False] * 3 and kto["completion"][1] == load_preference_data("paired")["rejected"][0]
+    assert (
+        kto["label"] == [True, False] * 3
+        and kto["completion"][1] == load_preference_data("paired")["rejected"][0]
+    )
 
 
 # ---------------------------------------------------------------------------------------------- collators
@@ -210,7 +251,7 @@ def test_unpaired_collator_kl_rows_and_global_sentence_ids(tok):
     offset = 0
     for i, f in enumerate(features):
         p = len(f["prompt_input_ids"])
-        row = batch["sentence_ids"][i, p: p + len(f["completion_input_ids"])].tolist()
+        row = batch["sentence_ids"][i, p : p + len(f["completion_input_ids"])].tolist()
         assert row == [s + offset if s >= 0 else -1 for s in f["completion_sentence_ids"]]
         assert (batch["sentence_ids"][i, :p] == -1).all()
         offset += len(f["sentence_labels"])
@@ -221,8 +262,8 @@ def test_unpaired_collator_kl_rows_and_global_sentence_ids(tok):
         prompt, completion = features[j]["prompt_input_ids"], features[i]["completion_input_ids"]
         n = len(prompt) + len(completion)
         assert batch["kl_input_ids"][i, :n].tolist() == prompt + completion
-        assert batch["kl_labels"][i, len(prompt): n].tolist() == completion
-        kl_ids = batch["kl_sentence_ids"][i, len(prompt): n].tolist()
+        assert batch["kl_labels"][i, len(prompt) : n].tolist() == completion
+        kl_ids = batch["kl_sentence_ids"][i, len(prompt) : n].tolist()
         # the KL rows' sentences are numbered on their own, 0..S_kl-1 over the KL rows
         assert kl_ids == [s + kl_offset if s >= 0 else -1 for s in features[i]["completion_sentence_ids"]]
         kl_offset += len(features[i]["sentence_labels"])
@@ -231,8 +272,9 @@ def test_unpaired_collator_kl_rows_and_global_sentence_ids(tok):
     kto = collator_for("kto", tok)(features)
     assert "sentence_ids" not in kto and "kl_input_ids" in kto
     with pytest.raises(ValueError, match="sentence ids requested"):
-        UnpairedCollator(tok.pad_token_id, sentences=True)([{k: v for k, v in f.items()
-                                                             if k != "completion_sentence_ids"} for f in features])
+        UnpairedCollator(tok.pad_token_id, sentences=True)(
+            [{k: v for k, v in f.items() if k != "completion_sentence_ids"} for f in features]
+        )
 
 
 def test_unpaired_collator_truncates_kl_rows_without_wrong_sentence_ids(tok):

@@ -22,9 +22,18 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 V = 300
-_COMMON = {"vocab_size": V, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "pad_token_id": 0,
-           "bos_token_id": 1, "eos_token_id": 2}
+_COMMON = {
+    "vocab_size": V,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 
 
 def _models():
@@ -33,11 +42,14 @@ def _models():
         "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**_COMMON)),
         "llama-tied": lambda: t.LlamaForCausalLM(t.LlamaConfig(**_COMMON, tie_word_embeddings=True)),
         "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**_COMMON)),
-        "gemma2-softcap": lambda: t.Gemma2ForCausalLM(t.Gemma2Config(**_COMMON, head_dim=8,
-                                                                       final_logit_softcapping=1.5)),
+        "gemma2-softcap": lambda: t.Gemma2ForCausalLM(
+            t.Gemma2Config(**_COMMON, head_dim=8, final_logit_softcapping=1.5)
+        ),
         "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**_COMMON)),
         "cohere-logit-scale": lambda: t.CohereForCausalLM(t.CohereConfig(**_COMMON, logit_scale=0.5)),
-        "granite-logits-scaling": lambda: t.GraniteForCausalLM(t.GraniteConfig(**_COMMON, logits_scaling=4.0)),
+        "granite-logits-scaling": lambda: t.GraniteForCausalLM(
+            t.GraniteConfig(**_COMMON, logits_scaling=4.0)
+        ),
     }
 
 
@@ -69,7 +81,9 @@ def _naive(model, ids, mask, labels):
 
 def _fused(model, ids, mask, labels):
     head = forward_hidden(model, ids, mask)
-    return linear_logprobs(head.hidden, head.weight, labels, head.bias, shift=True, backend="torch", **head.options)
+    return linear_logprobs(
+        head.hidden, head.weight, labels, head.bias, shift=True, backend="torch", **head.options
+    )
 
 
 def _grads(model):
@@ -100,12 +114,15 @@ def test_head_is_the_tied_embedding():
     assert check_head(model, *_batch()[:2]) < 1e-5
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("llama", {"softcap": None, "temperature": 1.0}),
-    ("gemma2-softcap", {"softcap": 1.5, "temperature": 1.0}),
-    ("cohere-logit-scale", {"softcap": None, "temperature": 2.0}),  # logits * 0.5 = logits / 2
-    ("granite-logits-scaling", {"softcap": None, "temperature": 4.0}),  # logits / 4
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("llama", {"softcap": None, "temperature": 1.0}),
+        ("gemma2-softcap", {"softcap": 1.5, "temperature": 1.0}),
+        ("cohere-logit-scale", {"softcap": None, "temperature": 2.0}),  # logits * 0.5 = logits / 2
+        ("granite-logits-scaling", {"softcap": None, "temperature": 4.0}),  # logits / 4
+    ],
+)
 def test_head_options(name, expected):
     model = _build(name)
     assert head_options(model) == expected
@@ -201,8 +218,9 @@ def test_ddp_wrapper_runs_through_its_forward(tmp_path):
 # ---------------------------------------------------------------------------------------------- PEFT
 def _lora(model, **kwargs):
     peft = pytest.importorskip("peft")
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                             **kwargs)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **kwargs
+    )
     return peft.get_peft_model(model, config)
 
 
@@ -214,8 +232,9 @@ def test_lora_policy_and_disabled_adapter_reference():
     assert is_peft_model(model) and not is_peft_model(frozen_base)
     with torch.no_grad():
         merged = copy.deepcopy(model).merge_and_unload()
-        torch.testing.assert_close(_fused(model, ids, mask, labels), _naive(merged, ids, mask, labels),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            _fused(model, ids, mask, labels), _naive(merged, ids, mask, labels), rtol=1e-5, atol=1e-5
+        )
         with adapter_disabled(model):
             reference = _fused(model, ids, mask, labels)
         torch.testing.assert_close(reference, _naive(frozen_base, ids, mask, labels), rtol=1e-5, atol=1e-5)
@@ -233,13 +252,15 @@ def test_lora_on_the_lm_head_is_refused_and_modules_to_save_is_followed():
     on_head = peft.get_peft_model(_build("llama"), peft.LoraConfig(r=2, target_modules=["lm_head"]))
     with pytest.raises(ValueError, match="adapter on the lm-head"):
         forward_hidden(on_head, ids, mask)
-    saved = peft.get_peft_model(_build("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"],
-                                                                  modules_to_save=["lm_head"]))
+    saved = peft.get_peft_model(
+        _build("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    )
     with torch.no_grad():
         active = output_head(saved)[0]
         active.add_(torch.randn_like(active))  # the trainable copy now differs from the original head
         merged = copy.deepcopy(saved).merge_and_unload()
-        torch.testing.assert_close(_fused(saved, ids, mask, labels), _naive(merged, ids, mask, labels),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            _fused(saved, ids, mask, labels), _naive(merged, ids, mask, labels), rtol=1e-5, atol=1e-5
+        )
         with adapter_disabled(saved):
             assert output_head(saved)[0] is not active

@@ -43,8 +43,15 @@ def _model(tied: bool, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=V, tie_word_embeddings=tied)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=V,
+        tie_word_embeddings=tied,
+    )
     model = LlamaForCausalLM(config).float()
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(4.0)  # larger logits: the head visibly matters
@@ -237,7 +244,9 @@ class SimulatedZero3:
         p.grad = None
 
     def _wrap(self, fn, value):
-        return tree_map(lambda t: fn.apply(self, t) if isinstance(t, torch.Tensor) and t.requires_grad else t, value)
+        return tree_map(
+            lambda t: fn.apply(self, t) if isinstance(t, torch.Tensor) and t.requires_grad else t, value
+        )
 
     def _pre_forward(self, module, args):
         self.gather()
@@ -298,22 +307,28 @@ def _zero3_rank(rank: int, world: int) -> dict:
     # partitioned head, not the transport. (Imported by name: the attribute deepspeed.comm.torch is torch.)
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")  # joins run_ranks' gloo group
-    config = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    }
     out = {}
     for tied in (False, True):
         engines = []
         for model in (_model(tied), _model(tied)):
-            engine, *_ = deepspeed.initialize(model=model, config=config,
-                                              optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
+            engine, *_ = deepspeed.initialize(
+                model=model, config=config, optimizer=torch.optim.SGD(model.parameters(), lr=0.0)
+            )
             engines.append(engine)
         engine, ref_engine = engines
         ref_engine.eval()
         assert engine.module.get_output_embeddings().weight.numel() == 0  # partitioned
         result = _trainer(ref_engine).preference_loss(engine, _rows(_batch(), rank))
         engine.backward(result.loss)
-        out[tied] = (result.loss.detach(),
-                     {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()})
+        out[tied] = (
+            result.loss.detach(),
+            {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()},
+        )
     return out
 
 

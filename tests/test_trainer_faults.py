@@ -62,11 +62,15 @@ def _trainer(tmp_path, method, model, tokenizer, data, callbacks=None, **kwargs)
         learning_rate=5e-3, max_steps=N_STEPS, logging_steps=1, save_strategy="steps", save_steps=STOP_AT,
         lr_scheduler_type="linear", **kwargs,
     )  # fmt: skip
-    return PreferenceTrainer(model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=callbacks)
+    return PreferenceTrainer(
+        model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=callbacks
+    )
 
 
 def _losses(trainer):
-    return {e["step"]: (e["loss"], e.get("rewards/margins")) for e in trainer.state.log_history if "loss" in e}
+    return {
+        e["step"]: (e["loss"], e.get("rewards/margins")) for e in trainer.state.log_history if "loss" in e
+    }
 
 
 @pytest.mark.slow  # an interrupted and a resumed run per method
@@ -80,11 +84,15 @@ def test_resume_reproduces_the_loss_curve(tmp_path, tokenizer, method):
     expected = _losses(full)
     assert sorted(expected) == list(range(1, N_STEPS + 1))
 
-    cut = _trainer(tmp_path / "cut", method, _model(tokenizer, 0), tokenizer, data, callbacks=[_StopAt(STOP_AT)])
+    cut = _trainer(
+        tmp_path / "cut", method, _model(tokenizer, 0), tokenizer, data, callbacks=[_StopAt(STOP_AT)]
+    )
     cut.train()
     assert cut.state.global_step == STOP_AT
     checkpoint = tmp_path / "cut" / f"checkpoint-{STOP_AT}"
-    assert (checkpoint / "reference_model.safetensors").is_file() and (checkpoint / "prefuse_state.pt").is_file()
+    assert (checkpoint / "reference_model.safetensors").is_file() and (
+        checkpoint / "prefuse_state.pt"
+    ).is_file()
 
     # a fresh trainer from another initialisation: its default reference copy is wrong until the checkpoint's
     # reference weights are restored
@@ -194,7 +202,10 @@ def test_bad_unpaired_row_names_index_and_field(tokenizer, field, value, message
     for r in rows:  # a uniform sentence_labels column type for datasets
         r["sentences"], r["sentence_labels"] = r["sentences"][:1], r["sentence_labels"][:1]
     if field == "sentences" and value == [3]:
-        rows[1]["sentences"] = ["ok", 3]  # mixed types cannot be a datasets column: call the row check directly
+        rows[1]["sentences"] = [
+            "ok",
+            3,
+        ]  # mixed types cannot be a datasets column: call the row check directly
         with pytest.raises(ValueError, match=r"row 1, field 'sentences': .*not a non-empty string"):
             from prefuse.alignment.data.processing import check_row
 

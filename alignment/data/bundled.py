@@ -27,8 +27,13 @@ def read_records(path: str | Path | None = None) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def load_preference_data(view: str = "paired", split: str | None = "train", *, path: str | Path | None = None,
-                         limit: int | None = None):
+def load_preference_data(
+    view: str = "paired",
+    split: str | None = "train",
+    *,
+    path: str | Path | None = None,
+    limit: int | None = None,
+):
     """The bundled data as a ``datasets.Dataset`` (``split``: ``"train"``, ``"test"`` or None for both)."""
     from datasets import Dataset
 
@@ -46,6 +51,13 @@ def load_preference_data(view: str = "paired", split: str | None = "train", *, p
     rows = []
     for r in records:
         for side, label in (("chosen", True), ("rejected", False)):
-            rows.append({"prompt": r["prompt"], "completion": r[side], "label": label,
-                         "sentences": r[f"{side}_sentences"], "sentence_labels": r[f"{side}_sentence_labels"]})
+            rows.append(
+                {
+                    "prompt": r["prompt"],
+                    "completion": r[side],
+                    "label": label,
+                    "sentences": r[f"{side}_sentences"],
+                    "sentence_labels": r[f"{side}_sentence_labels"],
+                }
+            )
     return Dataset.from_list(rows)

@@ -50,8 +50,9 @@ _PAIR_SCALARS = ("p_chosen", "p_rejected", "s_chosen", "s_rejected")
 
 
 # ---------------------------------------------------------------------------------------------- feature checks
-def _check_ids(feature: dict, field: str, where, *, non_empty: bool = False, low: int = 0,
-               vocab_size: int | None = None) -> list:
+def _check_ids(
+    feature: dict, field: str, where, *, non_empty: bool = False, low: int = 0, vocab_size: int | None = None
+) -> list:
     if field not in feature or feature[field] is None:
         raise row_error(where, field, "missing")
     ids = feature[field]
@@ -88,7 +89,9 @@ def _check_values(feature: dict, field: str, where, length: int, *, at_most: boo
             raise row_error(where, field, f"expected finite floats, got {v!r}")
 
 
-def check_feature(feature, where, *, paired: bool, sentences: bool = False, vocab_size: int | None = None) -> None:
+def check_feature(
+    feature, where, *, paired: bool, sentences: bool = False, vocab_size: int | None = None
+) -> None:
     """One tokenised example (``where`` names it: ``"row 3"``, ``"example 1 of the batch"``); see the module
     docstring for what is checked. With ``vocab_size``, token ids must also lie below it."""
     if not isinstance(feature, dict):
@@ -123,11 +126,17 @@ def check_feature(feature, where, *, paired: bool, sentences: bool = False, voca
             if not is_bool(label):
                 raise row_error(where, "sentence_labels", f"label {j} is not a bool: {label!r}")
         if len(ids) != lengths["completion"]:
-            raise row_error(where, "completion_sentence_ids",
-                            f"{len(ids)} sentence ids for {lengths['completion']} completion tokens")
+            raise row_error(
+                where,
+                "completion_sentence_ids",
+                f"{len(ids)} sentence ids for {lengths['completion']} completion tokens",
+            )
         if ids and max(ids) >= len(labels):
-            raise row_error(where, "completion_sentence_ids",
-                            f"sentence id {max(ids)} but only {len(labels)} sentence labels")
+            raise row_error(
+                where,
+                "completion_sentence_ids",
+                f"sentence id {max(ids)} but only {len(labels)} sentence labels",
+            )
 
 
 def _check_batch(features, *, paired: bool, sentences: bool = False) -> None:
@@ -139,8 +148,11 @@ def _check_batch(features, *, paired: bool, sentences: bool = False) -> None:
     for key in (*keys, "ref_chosen_logps", "ref_rejected_logps", "ref_logps", "ref_kl_logps"):
         have = [key in f and f[key] is not None for f in features]
         if any(have) and not all(have):
-            raise row_error(f"example {have.index(False)} of the batch", key,
-                            "missing while other examples of the batch have it")
+            raise row_error(
+                f"example {have.index(False)} of the batch",
+                key,
+                "missing while other examples of the batch have it",
+            )
 
 
 def check_tokenized_data(dataset, method: str, *, vocab_size: int | None = None) -> None:
@@ -152,7 +164,9 @@ def check_tokenized_data(dataset, method: str, *, vocab_size: int | None = None)
     required = [c for c in spec.tokenized_columns if c in _PAIR_SCALARS]
     for index in range(len(dataset)):
         feature = dataset[index]
-        check_feature(feature, f"row {index}", paired=spec.paired, sentences=spec.sentences, vocab_size=vocab_size)
+        check_feature(
+            feature, f"row {index}", paired=spec.paired, sentences=spec.sentences, vocab_size=vocab_size
+        )
         for field in required:
             if feature.get(field) is None:
                 raise row_error(index, field, "missing (None)")
@@ -182,19 +196,24 @@ def _rows(prompts, completions, pad_id: int, multiple: int | None, completion_va
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, length), dtype=torch.long)
     labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
-    values = None if completion_values is None else [torch.full((n, length), fill) for fill in
-                                                     (v[1] for v in completion_values)]
+    values = (
+        None
+        if completion_values is None
+        else [torch.full((n, length), fill) for fill in (v[1] for v in completion_values)]
+    )
     for i, (p, c) in enumerate(zip(prompts, completions)):
         row = list(p) + list(c)
         input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         attention_mask[i, : len(row)] = 1
-        labels[i, len(p): len(row)] = torch.tensor(list(c), dtype=torch.long)
+        labels[i, len(p) : len(row)] = torch.tensor(list(c), dtype=torch.long)
         if values is not None:
             for out, (per_example, _) in zip(values, completion_values):
                 vals = per_example[i]
                 if len(vals) != len(c):
-                    raise ValueError(f"a per-token value list has {len(vals)} entries for {len(c)} completion tokens")
-                out[i, len(p): len(row)] = torch.as_tensor(list(vals), dtype=out.dtype)
+                    raise ValueError(
+                        f"a per-token value list has {len(vals)} entries for {len(c)} completion tokens"
+                    )
+                out[i, len(p) : len(row)] = torch.as_tensor(list(vals), dtype=out.dtype)
     return input_ids, attention_mask, labels, values
 
 
@@ -209,7 +228,9 @@ def _split_reference(reference: list | None) -> tuple[list | None, torch.Tensor 
         return None, None
     kinds = {_is_sum(v) for v in reference}
     if len(kinds) > 1:
-        raise ValueError("precomputed reference log-probs mix per-token lists and per-sequence sums in one batch")
+        raise ValueError(
+            "precomputed reference log-probs mix per-token lists and per-sequence sums in one batch"
+        )
     if kinds == {True}:
         return None, torch.tensor([float(v) for v in reference], dtype=torch.float32)
     return [(reference, 0.0)], None
@@ -235,10 +256,13 @@ class PairedCollator:
         precomputed = all("ref_chosen_logps" in f and "ref_rejected_logps" in f for f in features)
         reference = None
         if precomputed:
-            reference = [f["ref_chosen_logps"] for f in features] + [f["ref_rejected_logps"] for f in features]
+            reference = [f["ref_chosen_logps"] for f in features] + [
+                f["ref_rejected_logps"] for f in features
+            ]
         values, sums = _split_reference(reference)
-        input_ids, attention_mask, labels, vals = _rows(prompts + prompts, chosen + rejected, self.pad_token_id,
-                                                        self.pad_to_multiple_of, values)
+        input_ids, attention_mask, labels, vals = _rows(
+            prompts + prompts, chosen + rejected, self.pad_token_id, self.pad_to_multiple_of, values
+        )
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         for key in _PAIR_SCALARS:
             if all(key in f and f[key] is not None for f in features):
@@ -272,7 +296,9 @@ class UnpairedCollator:
 
     def __post_init__(self):
         if self.partial_sentences not in PARTIAL_SENTENCES:
-            raise ValueError(f"partial_sentences must be one of {PARTIAL_SENTENCES}, got {self.partial_sentences!r}")
+            raise ValueError(
+                f"partial_sentences must be one of {PARTIAL_SENTENCES}, got {self.partial_sentences!r}"
+            )
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         if not features:
@@ -291,16 +317,24 @@ class UnpairedCollator:
         completions = [f["completion_input_ids"] for f in features]
         precomputed = all("ref_logps" in f for f in features)
         values, sums = _split_reference([f["ref_logps"] for f in features] if precomputed else None)
-        input_ids, attention_mask, labels, vals = _rows(prompts, completions, self.pad_token_id,
-                                                        self.pad_to_multiple_of, values)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                 "desirable": torch.tensor([bool(f["label"]) for f in features], dtype=torch.bool)}
+        input_ids, attention_mask, labels, vals = _rows(
+            prompts, completions, self.pad_token_id, self.pad_to_multiple_of, values
+        )
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "desirable": torch.tensor([bool(f["label"]) for f in features], dtype=torch.bool),
+        }
         if precomputed:
             batch["ref_logps"] = sums if sums is not None else _shifted(vals[0].float())
         if sentences:
             sentence_ids, sentence_labels = self._sentence_rows(
-                [f["completion_sentence_ids"] for f in features], [f["sentence_labels"] for f in features],
-                prompts, input_ids.shape[1])
+                [f["completion_sentence_ids"] for f in features],
+                [f["sentence_labels"] for f in features],
+                prompts,
+                input_ids.shape[1],
+            )
             batch["sentence_ids"], batch["sentence_labels"] = sentence_ids, sentence_labels
         if self.kl_rows:
             batch.update(self._kl_batch(features, prompts, completions, sentences))
@@ -315,7 +349,7 @@ class UnpairedCollator:
             ids = torch.as_tensor(list(ids), dtype=torch.long)
             if len(lab) and (ids.max().item() >= len(lab)):
                 raise ValueError(f"example {i}: a sentence id exceeds its {len(lab)} sentence labels")
-            out[i, len(p): len(p) + len(ids)] = torch.where(ids >= 0, ids + len(labels), ids)
+            out[i, len(p) : len(p) + len(ids)] = torch.where(ids >= 0, ids + len(labels), ids)
             labels += [bool(x) for x in lab]
         return out, torch.tensor(labels, dtype=torch.bool)
 
@@ -325,10 +359,15 @@ class UnpairedCollator:
             prompt = f.get("kl_prompt_input_ids") or prompts[next_different(prompts, i)]
             ids = list(f["completion_sentence_ids"]) if sentences else [-1] * len(completions[i])
             labels = list(f["sentence_labels"]) if sentences else []
-            p, c, ids, labels = truncate_with_sentences(prompt, list(completions[i]), ids, labels,
-                                                        max_length=self.max_length,
-                                                        max_prompt_length=self.max_prompt_length,
-                                                        partial=self.partial_sentences)
+            p, c, ids, labels = truncate_with_sentences(
+                prompt,
+                list(completions[i]),
+                ids,
+                labels,
+                max_length=self.max_length,
+                max_prompt_length=self.max_prompt_length,
+                partial=self.partial_sentences,
+            )
             kl_prompts.append(p)
             kl_completions.append(c)
             kl_ids.append(ids)
@@ -336,24 +375,41 @@ class UnpairedCollator:
         precomputed = all("ref_kl_logps" in f for f in features)
         reference = None
         if precomputed:  # per-token values of a KL row cut further than its own row are cut with it
-            reference = [f["ref_kl_logps"] if _is_sum(f["ref_kl_logps"]) else list(f["ref_kl_logps"])[: len(c)]
-                         for f, c in zip(features, kl_completions)]
+            reference = [
+                f["ref_kl_logps"] if _is_sum(f["ref_kl_logps"]) else list(f["ref_kl_logps"])[: len(c)]
+                for f, c in zip(features, kl_completions)
+            ]
         values, sums = _split_reference(reference)
-        input_ids, attention_mask, labels, vals = _rows(kl_prompts, kl_completions, self.pad_token_id,
-                                                        self.pad_to_multiple_of, values)
+        input_ids, attention_mask, labels, vals = _rows(
+            kl_prompts, kl_completions, self.pad_token_id, self.pad_to_multiple_of, values
+        )
         out = {"kl_input_ids": input_ids, "kl_attention_mask": attention_mask, "kl_labels": labels}
         if precomputed:
             out["ref_kl_logps"] = sums if sums is not None else _shifted(vals[0].float())
         if sentences:
-            out["kl_sentence_ids"], _ = self._sentence_rows(kl_ids, kl_labels_list, kl_prompts, input_ids.shape[1])
+            out["kl_sentence_ids"], _ = self._sentence_rows(
+                kl_ids, kl_labels_list, kl_prompts, input_ids.shape[1]
+            )
         return out
 
 
-def collator_for(method: str, tokenizer, *, max_length: int | None = None, max_prompt_length: int | None = None,
-                 partial_sentences: str = "drop", pad_to_multiple_of: int | None = None):
+def collator_for(
+    method: str,
+    tokenizer,
+    *,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    partial_sentences: str = "drop",
+    pad_to_multiple_of: int | None = None,
+):
     """The collator a method's batches need (``prefuse.alignment.methods``: paired, or unpaired with KL rows
     and, for ``factalign``, sentence ids)."""
     from prefuse.alignment.methods import get_method
 
-    return get_method(method).collator(tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-                                       partial_sentences=partial_sentences, pad_to_multiple_of=pad_to_multiple_of)
+    return get_method(method).collator(
+        tokenizer,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        partial_sentences=partial_sentences,
+        pad_to_multiple_of=pad_to_multiple_of,
+    )

@@ -73,14 +73,19 @@ def check_text(value, field: str, index=None) -> None:
             raise row_error(index, field, "empty list of chat messages")
         for j, message in enumerate(value):
             if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-                raise row_error(index, field, f"chat message {j} is not a dict with a string 'content': {message!r}")
+                raise row_error(
+                    index, field, f"chat message {j} is not a dict with a string 'content': {message!r}"
+                )
             if "role" in message and not isinstance(message["role"], str):
                 raise row_error(index, field, f"chat message {j} has a non-string role {message['role']!r}")
         if not value[-1]["content"].strip():
             raise row_error(index, field, "the last chat message's content is empty")
         return
-    raise row_error(index, field, f"expected a non-empty string or a list of chat messages, got "
-                                  f"{type(value).__name__} {value!r}")
+    raise row_error(
+        index,
+        field,
+        f"expected a non-empty string or a list of chat messages, got {type(value).__name__} {value!r}",
+    )
 
 
 def is_bool(value) -> bool:
@@ -118,8 +123,11 @@ def check_sentences(sentences, sentence_labels, index=None) -> None:
         if not isinstance(sentence, str) or not sentence:
             raise row_error(index, "sentences", f"sentence {j} is not a non-empty string: {sentence!r}")
     if len(sentence_labels) != len(sentences):
-        raise row_error(index, "sentence_labels", f"{len(sentence_labels)} labels for {len(sentences)} sentences "
-                                                  "(one label per sentence)")
+        raise row_error(
+            index,
+            "sentence_labels",
+            f"{len(sentence_labels)} labels for {len(sentences)} sentences (one label per sentence)",
+        )
     for j, label in enumerate(sentence_labels):
         if not is_bool(label):
             raise row_error(index, "sentence_labels", f"label {j} is not a bool: {label!r}")
@@ -162,17 +170,23 @@ def render(tokenizer, prompt, completion, *, use_chat_template: bool | None = No
         use_chat_template = getattr(tokenizer, "chat_template", None) is not None
     if use_chat_template:
         prompt_messages = _messages(prompt, "user")
-        prompt_text = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(prompt_messages + _messages(completion, "assistant"), tokenize=False)
+        prompt_text = tokenizer.apply_chat_template(
+            prompt_messages, add_generation_prompt=True, tokenize=False
+        )
+        full = tokenizer.apply_chat_template(
+            prompt_messages + _messages(completion, "assistant"), tokenize=False
+        )
         if not full.startswith(prompt_text):
             raise ValueError(
                 "the chat template does not render the prompt (with add_generation_prompt=True) as a prefix of the "
                 "full conversation; prompt and completion cannot be split"
             )
-        completion_text = full[len(prompt_text):]
+        completion_text = full[len(prompt_text) :]
     else:
         if not isinstance(prompt, str) or not isinstance(completion, str):
-            raise ValueError("chat messages need a tokenizer with a chat template (or use_chat_template=True)")
+            raise ValueError(
+                "chat messages need a tokenizer with a chat template (or use_chat_template=True)"
+            )
         prompt_text, completion_text = prompt, completion + (tokenizer.eos_token or "")
     content = _content(completion)
     offset = completion_text.find(content)
@@ -186,13 +200,17 @@ def sentence_spans(content: str, sentences: Sequence[str], offset: int = 0) -> l
     for sentence in sentences:
         at = content.find(sentence, start) if sentence else -1
         if at < 0:
-            raise ValueError(f"sentence {sentence!r} is not a substring of the completion (after the previous one)")
+            raise ValueError(
+                f"sentence {sentence!r} is not a substring of the completion (after the previous one)"
+            )
         spans.append((offset + at, offset + at + len(sentence)))
         start = at + len(sentence)
     return spans
 
 
-def token_sentence_ids(text: str, offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
+def token_sentence_ids(
+    text: str, offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
+) -> list[int]:
     """One sentence index per token (``-1`` outside): the sentence holding the token's first non-space char."""
     ids = []
     for a, b in offsets:
@@ -206,8 +224,9 @@ def token_sentence_ids(text: str, offsets: Sequence[tuple[int, int]], spans: Seq
     return ids
 
 
-def compact_sentences(ids: Sequence[int], labels: Sequence[bool], full_counts: Sequence[int] | None,
-                      partial: str = "drop") -> tuple[list[int], list[bool]]:
+def compact_sentences(
+    ids: Sequence[int], labels: Sequence[bool], full_counts: Sequence[int] | None, partial: str = "drop"
+) -> tuple[list[int], list[bool]]:
     """Renumber surviving sentences ``0..n-1``; drop those cut by truncation (``partial="drop"``) or empty.
 
     ``full_counts[s]`` is sentence ``s``'s token count before truncation (None: nothing was truncated).
@@ -218,8 +237,10 @@ def compact_sentences(ids: Sequence[int], labels: Sequence[bool], full_counts: S
     for s in ids:
         if s >= 0:
             counts[s] += 1
-    keep = [c > 0 and (partial == "keep" or full_counts is None or c == full_counts[s])
-            for s, c in enumerate(counts)]
+    keep = [
+        c > 0 and (partial == "keep" or full_counts is None or c == full_counts[s])
+        for s, c in enumerate(counts)
+    ]
     new_index, next_id = [], 0
     for k in keep:
         new_index.append(next_id if k else -1)
@@ -228,30 +249,46 @@ def compact_sentences(ids: Sequence[int], labels: Sequence[bool], full_counts: S
     return new_ids, [bool(label) for label, k in zip(labels, keep) if k]
 
 
-def truncate(prompt_ids: list[int], completion_ids: list[int], *, max_length: int | None = None,
-             max_prompt_length: int | None = None) -> tuple[list[int], list[int]]:
+def truncate(
+    prompt_ids: list[int],
+    completion_ids: list[int],
+    *,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+) -> tuple[list[int], list[int]]:
     """The prompt keeps its last tokens, the completion its first (module docstring)."""
     if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-        prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length:]
+        prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length :]
     if max_length is not None and len(prompt_ids) + len(completion_ids) > max_length:
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
         if len(prompt_ids) > max_length - 1:
-            prompt_ids = prompt_ids[len(prompt_ids) - (max_length - 1):]
+            prompt_ids = prompt_ids[len(prompt_ids) - (max_length - 1) :]
         completion_ids = completion_ids[: max_length - len(prompt_ids)]
     return prompt_ids, completion_ids
 
 
-def truncate_with_sentences(prompt_ids, completion_ids, sentence_ids, sentence_labels, *, max_length=None,
-                            max_prompt_length=None, partial: str = "drop"):
+def truncate_with_sentences(
+    prompt_ids,
+    completion_ids,
+    sentence_ids,
+    sentence_labels,
+    *,
+    max_length=None,
+    max_prompt_length=None,
+    partial: str = "drop",
+):
     """``truncate`` plus the sentence ids of the kept completion tokens (``compact_sentences``)."""
-    new_prompt, new_completion = truncate(prompt_ids, completion_ids, max_length=max_length,
-                                          max_prompt_length=max_prompt_length)
+    new_prompt, new_completion = truncate(
+        prompt_ids, completion_ids, max_length=max_length, max_prompt_length=max_prompt_length
+    )
     full_counts = [0] * len(sentence_labels)
     for s in sentence_ids:
         if s >= 0:
             full_counts[s] += 1
-    ids, labels = compact_sentences(sentence_ids[: len(new_completion)], sentence_labels, full_counts, partial)
+    ids, labels = compact_sentences(
+        sentence_ids[: len(new_completion)], sentence_labels, full_counts, partial
+    )
     return new_prompt, new_completion, ids, labels
 
 
@@ -260,10 +297,20 @@ def _encode_prompt(tokenizer, prompt_text: str, chat: bool) -> list[int]:
     return list(tokenizer(prompt_text, add_special_tokens=not chat)["input_ids"])
 
 
-def encode_example(tokenizer, prompt, completion, *, sentences=None, sentence_labels=None,
-                   use_chat_template: bool | None = None, max_length: int | None = None,
-                   max_prompt_length: int | None = None, partial_sentences: str = "drop", index=None,
-                   completion_field: str = "completion") -> dict:
+def encode_example(
+    tokenizer,
+    prompt,
+    completion,
+    *,
+    sentences=None,
+    sentence_labels=None,
+    use_chat_template: bool | None = None,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    partial_sentences: str = "drop",
+    index=None,
+    completion_field: str = "completion",
+) -> dict:
     """One prompt/completion pair -> ``prompt_input_ids``, ``completion_input_ids`` (and sentence ids).
 
     A malformed input raises ``ValueError`` naming the field (and ``index``, the row's index in its data set,
@@ -275,43 +322,67 @@ def encode_example(tokenizer, prompt, completion, *, sentences=None, sentence_la
         check_sentences(sentences, sentence_labels, index)
     if use_chat_template is None:
         use_chat_template = getattr(tokenizer, "chat_template", None) is not None
-    prompt_text, completion_text, offset = render(tokenizer, prompt, completion,
-                                                  use_chat_template=use_chat_template)
+    prompt_text, completion_text, offset = render(
+        tokenizer, prompt, completion, use_chat_template=use_chat_template
+    )
     prompt_ids = _encode_prompt(tokenizer, prompt_text, use_chat_template)
     enc = tokenizer(completion_text, add_special_tokens=False, return_offsets_mapping=sentences is not None)
     completion_ids = list(enc["input_ids"])
     if sentences is None:
-        prompt_ids, completion_ids = truncate(prompt_ids, completion_ids, max_length=max_length,
-                                              max_prompt_length=max_prompt_length)
+        prompt_ids, completion_ids = truncate(
+            prompt_ids, completion_ids, max_length=max_length, max_prompt_length=max_prompt_length
+        )
         return {"prompt_input_ids": prompt_ids, "completion_input_ids": completion_ids}
     if offset < 0:
-        raise row_error(index, completion_field, "the completion's content is not found in its rendered text; "
-                                                 "sentences cannot be located")
+        raise row_error(
+            index,
+            completion_field,
+            "the completion's content is not found in its rendered text; sentences cannot be located",
+        )
     try:
         spans = sentence_spans(_content(completion), sentences, offset)
     except ValueError as err:
         raise row_error(index, "sentences", str(err)) from None
     ids = token_sentence_ids(completion_text, enc["offset_mapping"], spans)
     prompt_ids, completion_ids, ids, labels = truncate_with_sentences(
-        prompt_ids, completion_ids, ids, list(sentence_labels), max_length=max_length,
-        max_prompt_length=max_prompt_length, partial=partial_sentences)
-    return {"prompt_input_ids": prompt_ids, "completion_input_ids": completion_ids,
-            "completion_sentence_ids": ids, "sentence_labels": labels}
+        prompt_ids,
+        completion_ids,
+        ids,
+        list(sentence_labels),
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        partial=partial_sentences,
+    )
+    return {
+        "prompt_input_ids": prompt_ids,
+        "completion_input_ids": completion_ids,
+        "completion_sentence_ids": ids,
+        "sentence_labels": labels,
+    }
 
 
 def _paired_map(example, index, tokenizer, use_chat_template, max_length, max_prompt_length):
     check_row(example, index, paired=True)
     out = {}
     for side in ("chosen", "rejected"):
-        enc = encode_example(tokenizer, example["prompt"], example[side], use_chat_template=use_chat_template,
-                             max_length=max_length, max_prompt_length=max_prompt_length, index=index,
-                             completion_field=side)
+        enc = encode_example(
+            tokenizer,
+            example["prompt"],
+            example[side],
+            use_chat_template=use_chat_template,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            index=index,
+            completion_field=side,
+        )
         out["prompt_input_ids"] = enc["prompt_input_ids"]  # identical for both sides
         out[f"{side}_input_ids"] = enc["completion_input_ids"]
     return out
 
 
-def _unpaired_map(example, index, tokenizer, use_chat_template, max_length, max_prompt_length, sentences, partial):
+def _unpaired_map(
+    example, index, tokenizer, use_chat_template, max_length, max_prompt_length, sentences, partial
+):
     check_row(example, index, paired=False, sentences=sentences)
     enc = encode_example(
         tokenizer, example["prompt"], example["completion"],
@@ -327,6 +398,7 @@ def _unpaired_map(example, index, tokenizer, use_chat_template, max_length, max_
 def unpair(dataset):
     """Paired text data -> unpaired (KTO): each pair gives ``(prompt, chosen, True)`` and ``(prompt, rejected,
     False)``, in that order; other columns are dropped."""
+
     def expand(batch):
         out = {"prompt": [], "completion": [], "label": []}
         for prompt, chosen, rejected in zip(batch["prompt"], batch["chosen"], batch["rejected"]):
@@ -338,10 +410,17 @@ def unpair(dataset):
     return dataset.map(expand, batched=True, remove_columns=dataset.column_names, desc="unpairing")
 
 
-def tokenize_preference_data(dataset, tokenizer, *, max_length: int | None = None,
-                             max_prompt_length: int | None = None, use_chat_template: bool | None = None,
-                             sentences: bool | None = None, partial_sentences: str = "drop",
-                             num_proc: int | None = None):
+def tokenize_preference_data(
+    dataset,
+    tokenizer,
+    *,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    use_chat_template: bool | None = None,
+    sentences: bool | None = None,
+    partial_sentences: str = "drop",
+    num_proc: int | None = None,
+):
     """Tokenise a ``datasets.Dataset`` of paired or unpaired preference data (module docstring).
 
     Paired when it has ``chosen``/``rejected`` columns, unpaired with ``completion``/``label``. ``sentences``
@@ -367,7 +446,18 @@ def tokenize_preference_data(dataset, tokenizer, *, max_length: int | None = Non
             f"cannot tell the data's kind from its columns {sorted(columns)}: paired data needs prompt/chosen/"
             "rejected, unpaired data prompt/completion/label"
         )
-    fn_kwargs = {"tokenizer": tokenizer, "use_chat_template": use_chat_template, "max_length": max_length,
-                 "max_prompt_length": max_prompt_length, **kwargs}
-    return dataset.map(fn, fn_kwargs=fn_kwargs, with_indices=True, remove_columns=[c for c in remove if c in columns],
-                       num_proc=num_proc, desc="tokenizing preference data")
+    fn_kwargs = {
+        "tokenizer": tokenizer,
+        "use_chat_template": use_chat_template,
+        "max_length": max_length,
+        "max_prompt_length": max_prompt_length,
+        **kwargs,
+    }
+    return dataset.map(
+        fn,
+        fn_kwargs=fn_kwargs,
+        with_indices=True,
+        remove_columns=[c for c in remove if c in columns],
+        num_proc=num_proc,
+        desc="tokenizing preference data",
+    )

@@ -33,12 +33,58 @@ SEED = 1234
 N_TRAIN = 320
 N_TEST = 32
 
-_SYLLABLES = ["ka", "lo", "ven", "tar", "mi", "dor", "su", "bel", "ra", "nim", "ok", "zel", "fa", "gru", "te", "vo"]
-_FEATURES = ["the Grey River", "a green lake", "the north coast", "two tall hills", "a quiet bay", "the old forest"]
-_ANIMALS = {"cat": 4, "dog": 4, "spider": 8, "bird": 2, "ant": 6, "horse": 4, "crab": 10, "duck": 2,
-            "beetle": 6, "cow": 4, "hen": 2, "octopus": 8}
-_THINGS = {"grass": "green", "the sky": "blue", "snow": "white", "coal": "black", "a banana": "yellow",
-           "a tomato": "red", "an orange": "orange", "the sea": "blue", "milk": "white", "a lemon": "yellow"}
+_SYLLABLES = [
+    "ka",
+    "lo",
+    "ven",
+    "tar",
+    "mi",
+    "dor",
+    "su",
+    "bel",
+    "ra",
+    "nim",
+    "ok",
+    "zel",
+    "fa",
+    "gru",
+    "te",
+    "vo",
+]
+_FEATURES = [
+    "the Grey River",
+    "a green lake",
+    "the north coast",
+    "two tall hills",
+    "a quiet bay",
+    "the old forest",
+]
+_ANIMALS = {
+    "cat": 4,
+    "dog": 4,
+    "spider": 8,
+    "bird": 2,
+    "ant": 6,
+    "horse": 4,
+    "crab": 10,
+    "duck": 2,
+    "beetle": 6,
+    "cow": 4,
+    "hen": 2,
+    "octopus": 8,
+}
+_THINGS = {
+    "grass": "green",
+    "the sky": "blue",
+    "snow": "white",
+    "coal": "black",
+    "a banana": "yellow",
+    "a tomato": "red",
+    "an orange": "orange",
+    "the sea": "blue",
+    "milk": "white",
+    "a lemon": "yellow",
+}
 _COLOURS = sorted(set(_THINGS.values()) | {"purple", "pink", "brown"})
 _TIPS = {
     "cycling": ("Wear a helmet.", "Use lights at night.", "Helmets are useless."),
@@ -62,7 +108,9 @@ def _name(rng: random.Random, used: set[str]) -> str:
             return word
 
 
-def _answer(rng: random.Random, facts: list[tuple[str, bool]], kind: bool) -> tuple[str, list[str], list[bool]]:
+def _answer(
+    rng: random.Random, facts: list[tuple[str, bool]], kind: bool
+) -> tuple[str, list[str], list[bool]]:
     """``opener facts... closer``: the text and its factual sentences with labels (openers are not facts)."""
     opener = rng.choice(_KIND_OPENERS if kind else _CURT_OPENERS)
     closer = rng.choice(_KIND_CLOSERS if kind else _CURT_CLOSERS)
@@ -82,12 +130,20 @@ def _record(rng: random.Random, world: dict[str, tuple[str, str]]) -> dict:
         capital, feature = world[country]
         wrong = rng.choice([c for c, _ in world.values() if c != capital])
         wrong_feature = rng.choice([f for f in _FEATURES if f != feature])
-        prompt = rng.choice([f"What is the capital of {country}?", f"Tell me about the capital of {country}.",
-                             f"Which city is the capital of {country}?"])
+        prompt = rng.choice(
+            [
+                f"What is the capital of {country}?",
+                f"Tell me about the capital of {country}.",
+                f"Which city is the capital of {country}?",
+            ]
+        )
         good = [(f"The capital of {country} is {capital}.", True), (f"{capital} lies near {feature}.", True)]
         bad = [(f"The capital of {country} is {wrong}.", False)]
-        bad.append((f"{capital} lies near {feature}.", True) if rng.random() < 0.4
-                   else (f"{wrong} lies near {wrong_feature}.", False))
+        bad.append(
+            (f"{capital} lies near {feature}.", True)
+            if rng.random() < 0.4
+            else (f"{wrong} lies near {wrong_feature}.", False)
+        )
     elif topic == "legs":
         animal = rng.choice(sorted(_ANIMALS))
         legs = _ANIMALS[animal]
@@ -156,7 +212,9 @@ def render(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="verify the committed file instead of writing it")
+    parser.add_argument(
+        "--check", action="store_true", help="verify the committed file instead of writing it"
+    )
     parser.add_argument("--out", type=Path, default=DATA_FILE)
     args = parser.parse_args(argv)
     text = render(generate())

@@ -41,8 +41,9 @@ def default_texts() -> list[str]:
     return texts
 
 
-def build_tokenizer(texts: Iterable[str] | None = None, *, vocab_size: int = 512,
-                    chat_template: str | None = CHAT_TEMPLATE):
+def build_tokenizer(
+    texts: Iterable[str] | None = None, *, vocab_size: int = 512, chat_template: str | None = CHAT_TEMPLATE
+):
     """Train a byte-level BPE on ``texts`` (default: the bundled data) and return a fast HF tokenizer.
 
     Deterministic for given texts. ``vocab_size`` counts the 256 byte symbols and the special tokens
@@ -59,11 +60,16 @@ def build_tokenizer(texts: Iterable[str] | None = None, *, vocab_size: int = 512
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                        padding_side="right")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, padding_side="right"
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": list(ROLE_TOKENS)})
     if chat_template is not None:
         tokenizer.chat_template = chat_template
