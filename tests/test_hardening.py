@@ -528,7 +528,9 @@ class LossCase:
         beta, nll = c["beta"], c["nll_weight"]
         method = c["method"]
         if method == "dpo":
-            eps = SMOOTHING.get(c["loss_type"], 0.0) if c["smoothing"] else 0.0
+            # exo_pair takes log ε: ε = 0 is refused (as TRL does), so its unsmoothed case is the EXO default 1e-3
+            unsmoothed = 1e-3 if c["loss_type"] == "exo_pair" else 0.0
+            eps = SMOOTHING.get(c["loss_type"], 0.0) if c["smoothing"] else unsmoothed
             return DPOLoss(beta, c["loss_type"], eps, nll, **opts)
         if method == "sampo":
             return SamPOLoss(beta, seed=c["seed"], nll_weight=nll, **opts)

@@ -237,15 +237,18 @@ def test_kl_reference_point_is_count_weighted_over_ranks():
 @pytest.mark.parametrize("desirable", [True, False])
 def test_kto_keeps_the_tail_of_a_saturated_sigmoid(desirable):
     """A row far on its good side costs σ(-x), not the float32 ``1 - σ(x)`` (0.6 % off at x = 12.7, exactly 0
-    past x ≈ 16.6): value and gradient match float64 at x from 5 to 60."""
-    x = torch.tensor([5.0, 12.7, 16.0, 20.0, 40.0, 60.0])  # β(Δ - z) for desirable rows, β(z - Δ) otherwise
-    beta = 0.5
+    past x ≈ 16.6); a row far on its bad side keeps its gradient σ(x)σ(-x) (``torch.sigmoid``'s is exactly 0
+    below x ≈ -16.6): value and gradient match float64 at x from -40 to 60."""
+    x = torch.tensor(
+        [-40.0, -20.0, -16.0, 5.0, 12.7, 16.0, 20.0, 40.0, 60.0]
+    )  # β(Δ - z) if desirable, else β(z - Δ)
+    beta, n = 0.5, 9
     delta = (x if desirable else -x) / beta
     policy = delta.clone().requires_grad_(True)
-    labels = torch.full((6,), desirable)
-    out = PF.kto_loss(policy, torch.zeros(6), labels, kl=0.0, beta=beta)
+    labels = torch.full((n,), desirable)
+    out = PF.kto_loss(policy, torch.zeros(n), labels, kl=0.0, beta=beta)
     (grad,) = torch.autograd.grad(out.loss, policy)
-    expected = torch.sigmoid(-x.double()) / 6  # per row: λ σ(-x), mean over the rows
+    expected = torch.sigmoid(-x.double()) / n  # per row: λ σ(-x), mean over the rows
     torch.testing.assert_close(out.loss.double(), expected.sum(), rtol=1e-5, atol=0)
     sign = -1.0 if desirable else 1.0  # d/dΔ of σ(β(z - Δ)) and of σ(β(Δ - z))
     torch.testing.assert_close(

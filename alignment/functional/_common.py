@@ -11,6 +11,16 @@ from prefuse.kernels.linear_logprobs.validate import host_reads_allowed
 from torch import Tensor
 
 
+def sigmoid_tails(x: Tensor) -> Tensor:
+    """``σ(x)`` as ``exp(logσ(x))``: value and gradient accurate to float32 rounding on both tails.
+
+    ``torch.sigmoid`` rounds ``σ(x)`` to 1 for ``x`` past about 16.6, so its gradient ``σ(x)(1 - σ(x))`` is
+    exactly 0 there although the true value (``≈ e^{-x}``) is representable; ``logσ``'s gradient is
+    ``σ(-x)``, computed without that cancellation. A loss written as ``1 - σ(x)`` is ``sigmoid_tails(-x)``.
+    """
+    return torch.exp(torch.nn.functional.logsigmoid(x))
+
+
 def check_real(
     name: str,
     value,

@@ -39,6 +39,7 @@ from prefuse.alignment.functional._common import (
     chosen_nll,
     float_tensor,
     pair_metrics,
+    sigmoid_tails,
 )
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
@@ -116,10 +117,10 @@ def dpo_pair_losses(
         return -F.logsigmoid(rc - bco_delta) - F.logsigmoid(-(rr - bco_delta))
     if loss_type == "sppo_hard":
         return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
-    if loss_type == "apo_zero":  # 1 - σ(x) as σ(-x): the written-out form rounds to 0 past x ≈ 16.6 (float32)
-        return torch.sigmoid(-beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
+    if loss_type == "apo_zero":  # 1 - σ(x) as σ(-x), both tails kept (sigmoid_tails)
+        return sigmoid_tails(-beta * chosen_logratios) + sigmoid_tails(beta * rejected_logratios)
     if loss_type == "apo_down":
-        return torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(-u)
+        return sigmoid_tails(beta * chosen_logratios) + sigmoid_tails(-u)
     if loss_type == "discopop":
         # exp(-u) σ(u/τ) as exp(logσ(u/τ) - u) and 1 - σ(u/τ) as σ(-u/τ): the written-out form overflows to
         # inf * 0 = NaN for u below about -88 (float32), where the value is ~0 for τ < 1

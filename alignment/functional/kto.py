@@ -19,6 +19,7 @@ from prefuse.alignment.functional._common import (
     float_tensor,
     global_mean_clamped,
     mean_or_zero,
+    sigmoid_tails,
 )
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
@@ -35,12 +36,13 @@ def kto_terms(
 ) -> Tensor:
     """Per-item KTO losses: ``λD(1-σ(β(Δ-z)))`` where ``desirable``, else ``λU(1-σ(β(z-Δ)))``.
 
-    Evaluated as ``1 - σ(x) = σ(-x)``, which keeps the tail: the written-out ``1 - σ(x)`` rounds to exactly 0
-    in float32 for ``x`` past about 16.6 (and loses digits well before). Shared by response-level KTO and
+    Evaluated as ``1 - σ(x) = σ(-x)`` by :func:`sigmoid_tails`, which keeps both tails: the written-out
+    ``1 - σ(x)`` rounds to exactly 0 in float32 for ``x`` past about 16.6 (and loses digits well before), and
+    ``torch.sigmoid(-x)``'s gradient is exactly 0 for ``x`` below about -16.6. Shared by response-level KTO and
     FactAlign's sentence-level term.
     """
-    gain = desirable_weight * torch.sigmoid(beta * (z - logratios))
-    loss = undesirable_weight * torch.sigmoid(beta * (logratios - z))
+    gain = desirable_weight * sigmoid_tails(beta * (z - logratios))
+    loss = undesirable_weight * sigmoid_tails(beta * (logratios - z))
     return torch.where(desirable, gain, loss)
 
 
