@@ -277,22 +277,42 @@ CLASS_MEANS = {
 }
 """KTO's and FactAlign's per-class means and the per-step (sum, count) they are logged from."""
 
+CLASS_STEP_MEANS = {
+    "fg_logps/policy_chosen": "count/fg_chosen",
+    "fg_logps/reference_chosen": "count/fg_chosen",
+    "fg_logps/policy_rejected": "count/fg_rejected",
+    "fg_logps/reference_rejected": "count/fg_rejected",
+}
+"""FactAlign's per-class sentence means, logged per step as a mean (0 without a sentence of the class) with the
+count they are taken over: pooled like ``CLASS_MEANS`` with the sum ``mean × count``."""
+
 
 def window_metrics(stored: dict[str, list[Tensor]], accelerator=None) -> dict[str, float]:
     """The logged value of each metric over a logging window of per-step values (one host read).
 
     Every metric is its mean over the window's steps (and processes). The per-class means of KTO and FactAlign
-    (``CLASS_MEANS``) are logged as TRL 1.16's ``KTOTrainer`` logs them: per step ``Σ sum / Σ count`` over the
+    (``CLASS_MEANS``, and FactAlign's sentence means, ``CLASS_STEP_MEANS``) are logged as TRL 1.16's ``KTOTrainer`` logs them: per step ``Σ sum / Σ count`` over the
     processes, steps without an example of the class left out (not counted as 0), then the mean over the window;
     ``rewards/margins`` over the steps that have both classes. A class absent from the whole window is not logged.
     """
+    pairs = dict(CLASS_MEANS)
+    stored = dict(stored)
+    derived = []
+    for name, count in CLASS_STEP_MEANS.items():
+        if name in stored and count in stored:
+            total = f"{name}__sum"
+            stored[total] = [mean * n for mean, n in zip(stored[name], stored[count])]
+            pairs[name] = (total, count)
+            derived.append(total)
     keys = sorted(stored)
     steps = [torch.stack(stored[k]) for k in keys]
     if accelerator is not None and accelerator.num_processes > 1:
         steps = [accelerator.reduce(v, reduction="mean") for v in steps]  # a ratio of two means is Σ / Σ
     per_step = dict(zip(keys, steps))
     logged = dict(zip(keys, torch.stack([v.mean() for v in steps]).tolist()))
-    classes = {name: pair for name, pair in CLASS_MEANS.items() if set(pair) <= per_step.keys()}
+    for total in derived:
+        del logged[total]
+    classes = {name: pair for name, pair in pairs.items() if set(pair) <= per_step.keys()}
     if not classes:
         return logged
     means = {}

@@ -122,6 +122,21 @@ def test_window_metrics_pool_each_step_and_skip_absent_classes():
     assert "rewards/chosen" not in absent
 
 
+def test_window_metrics_pool_factalign_sentence_means_over_steps_with_the_class():
+    """FactAlign's ``fg_logps/*`` are per-step means over the class's sentences (0 without one): a step without
+    a supported sentence is left out of ``fg_logps/policy_chosen``, and steps are pooled by their counts."""
+
+    def step(mean, count):
+        return {"fg_logps/policy_chosen": torch.tensor(mean), "count/fg_chosen": torch.tensor(count)}
+
+    steps = [step(-2.0, 2.0), step(0.0, 0.0), step(-5.0, 1.0)]
+    logged = window_metrics({key: [s[key] for s in steps] for key in steps[0]})
+    assert logged["fg_logps/policy_chosen"] == pytest.approx((-2.0 - 5.0) / 2)  # not (-2 + 0 - 5) / 3
+    assert set(logged) == {"fg_logps/policy_chosen", "count/fg_chosen"}
+    absent = window_metrics({key: [s[key] for s in steps[1:2]] for key in steps[0]})
+    assert "fg_logps/policy_chosen" not in absent
+
+
 @pytest.mark.parametrize(
     "settings,expected",
     [
