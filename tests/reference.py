@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from prefuse.kernels.linear_logprobs import naive_linear_logprobs
@@ -159,6 +160,17 @@ def logsig(x):
 
 
 # ---------------------------------------------------------------------------------------------- the op
+OP_IMPLS = [
+    pytest.param(("torch", "cpu"), id="torch-cpu"),
+    pytest.param(("chunked", "cpu"), marks=pytest.mark.interpret, id="chunked-interpret"),
+    pytest.param(("triton", "cpu"), marks=pytest.mark.interpret, id="triton-interpret"),
+    pytest.param(("torch", "cuda"), marks=pytest.mark.gpu, id="torch-cuda"),
+    pytest.param(("chunked", "cuda"), marks=pytest.mark.gpu, id="chunked-cuda"),
+    pytest.param(("triton", "cuda"), marks=pytest.mark.gpu, id="triton-cuda"),
+]
+"""Every backend of the op on every device, as (backend, device) test parameters."""
+
+
 def rel_err(actual, expected):
     """Normwise relative error: max |actual - expected| / max |expected|."""
     scale = expected.abs().max().clamp_min(1e-30)

@@ -10,17 +10,10 @@ import pytest
 import torch
 from prefuse.kernels import linear_logprobs
 from prefuse.kernels.linear_logprobs import naive_linear_logprobs, op
+from reference import OP_IMPLS as IMPLS
 from reference import grad_tol, rel_err
 from reference import op_reference as reference
 
-IMPLS = [
-    pytest.param(("torch", "cpu"), id="torch-cpu"),
-    pytest.param(("triton", "cpu"), marks=pytest.mark.interpret, id="triton-interpret"),
-    pytest.param(("chunked", "cpu"), marks=pytest.mark.interpret, id="chunked-interpret"),
-    pytest.param(("torch", "cuda"), marks=pytest.mark.gpu, id="torch-cuda"),
-    pytest.param(("triton", "cuda"), marks=pytest.mark.gpu, id="triton-cuda"),
-    pytest.param(("chunked", "cuda"), marks=pytest.mark.gpu, id="chunked-cuda"),
-]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 OPTIONS = {
     "plain": {},

@@ -8,19 +8,12 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from prefuse.kernels import TokenOutputs, linear_logprobs
 from prefuse.kernels.linear_logprobs import naive_linear_logprobs, naive_token_outputs
+from reference import OP_IMPLS as IMPLS
 from reference import grad_tol, rel_err
 
 ALL = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
-IMPLS = [
-    pytest.param(("torch", "cpu"), id="torch-cpu"),
-    pytest.param(("chunked", "cpu"), marks=pytest.mark.interpret, id="chunked-interpret"),
-    pytest.param(("triton", "cpu"), marks=pytest.mark.interpret, id="triton-interpret"),
-    pytest.param(("torch", "cuda"), marks=pytest.mark.gpu, id="torch-cuda"),
-    pytest.param(("chunked", "cuda"), marks=pytest.mark.gpu, id="chunked-cuda"),
-    pytest.param(("triton", "cuda"), marks=pytest.mark.gpu, id="triton-cuda"),
-]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 OPTIONS = {
     "plain": {},
