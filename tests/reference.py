@@ -171,6 +171,22 @@ OP_IMPLS = [
 """Every backend of the op on every device, as (backend, device) test parameters."""
 
 
+def tiny_config_kwargs(tokenizer) -> dict:
+    """The shared config fields of the tests' tiny causal LMs (2 layers, hidden 32) for ``tokenizer``."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
 def rel_err(actual, expected):
     """Normwise relative error: max |actual - expected| / max |expected|."""
     scale = expected.abs().max().clamp_min(1e-30)

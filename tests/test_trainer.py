@@ -18,7 +18,7 @@ from prefuse.alignment.data import build_tokenizer, load_preference_data
 from prefuse.alignment.iterative import run_iterations
 from prefuse.alignment.methods import METHODS
 from prefuse.alignment.trainer import PreferenceConfig, PreferenceTrainer
-from reference import naive_cpo, naive_orpo, naive_simpo
+from reference import naive_cpo, naive_orpo, naive_simpo, tiny_config_kwargs
 
 pytest.importorskip("accelerate")
 
@@ -32,18 +32,7 @@ def tokenizer():
 
 def _model(kind, tokenizer, seed):
     t = transformers
-    common = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 128,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
+    common = tiny_config_kwargs(tokenizer)
     torch.manual_seed(seed)
     if kind == "llama":
         model = t.LlamaForCausalLM(t.LlamaConfig(**common))

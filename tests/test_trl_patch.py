@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from datasets import Dataset  # noqa: E402
 from prefuse.alignment.data import build_tokenizer, load_preference_data  # noqa: E402
+from reference import tiny_config_kwargs  # noqa: E402
 
 prefuse_trl = pytest.importorskip("prefuse.alignment.trl")
 trl_utils = pytest.importorskip("trl.trainer.utils")
@@ -36,18 +37,7 @@ def _unpatched():
 
 def tiny_model(tokenizer, seed=0, kind="llama"):
     t = transformers
-    common = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 128,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
+    common = tiny_config_kwargs(tokenizer)
     torch.manual_seed(seed)
     if kind == "gemma2":  # a final-logit softcap
         model = t.Gemma2ForCausalLM(t.Gemma2Config(**common, head_dim=8, final_logit_softcapping=2.0))
