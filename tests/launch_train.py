@@ -112,6 +112,11 @@ def main() -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         with open(os.path.join(args.out, "result.json"), "w") as f:
             json.dump(result, f)
+    # A process that exits with its gloo group alive can abort in the interpreter's teardown (gloo's worker
+    # threads still hold tensors): "terminate called without an active exception", SIGABRT. End it here, as
+    # every launched training script should.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
