@@ -29,7 +29,7 @@ _ROW_GROUPS = ("", "kl_")
 def _lengths(attention_mask: torch.Tensor) -> torch.Tensor:
     """Row lengths of a right-padded ``attention_mask`` ``(R, T)``; ``ValueError`` for holes or left padding."""
     lengths = attention_mask.long().sum(-1)
-    positions = torch.arange(attention_mask.shape[1])
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     if not torch.equal(attention_mask.bool(), positions < lengths.unsqueeze(1)):
         raise ValueError("attention_mask must be right padding (each row's tokens first) to pack the batch")
     return lengths
@@ -43,9 +43,9 @@ def _pack_group(batch: dict, prefix: str) -> dict:
         )
     lengths = _lengths(mask)
     keep = mask.bool()
-    rows = torch.arange(mask.shape[0]).unsqueeze(1).expand_as(mask)
+    rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)
     out = {f"{prefix}sequence_ids": rows[keep].unsqueeze(0)}
-    positions = torch.arange(mask.shape[1]).expand_as(mask)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     out[f"{prefix}position_ids"] = positions[keep].unsqueeze(0)
     for key in _TOKEN_KEYS:
         if batch.get(prefix + key) is not None:
@@ -62,7 +62,8 @@ def _pack_group(batch: dict, prefix: str) -> dict:
 
 def pack_batch(batch: dict) -> dict:
     """A padded collated batch (``PairedCollator`` / ``UnpairedCollator``) as one packed row (module
-    docstring). A batch that is packed already (it has ``sequence_ids``) is returned as is."""
+    docstring), on the batch's device. A batch that is packed already (it has ``sequence_ids``) is returned as
+    is."""
     if "sequence_ids" in batch:
         return batch
     out = dict(batch)
