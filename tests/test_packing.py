@@ -322,15 +322,19 @@ def test_padding_free_needs_the_fused_head(tmp_path):
         )
 
 
+def _padded_batch(device="cpu"):
+    return {
+        "input_ids": torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]], device=device),
+        "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], device=device),
+        "labels": torch.tensor([[-100, 6, 7, -100], [-100, 9, -100, -100]], device=device),
+        "ref_logps": torch.tensor([[-1.0, -2.0, 0.0], [-3.0, 0.0, 0.0]], device=device),
+        "desirable": torch.tensor([True, False], device=device),
+    }
+
+
 def test_pack_batch_layout():
     """Position ids restart per sequence, padding is gone, per-token reference values move with their token."""
-    batch = {
-        "input_ids": torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]]),
-        "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]),
-        "labels": torch.tensor([[-100, 6, 7, -100], [-100, 9, -100, -100]]),
-        "ref_logps": torch.tensor([[-1.0, -2.0, 0.0], [-3.0, 0.0, 0.0]]),
-        "desirable": torch.tensor([True, False]),
-    }
+    batch = _padded_batch()
     packed = pack_batch(batch)
     assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
@@ -340,6 +344,16 @@ def test_pack_batch_layout():
     assert torch.equal(packed["desirable"], batch["desirable"]) and "attention_mask" not in packed
     with pytest.raises(ValueError, match="right padding"):
         pack_batch({**batch, "attention_mask": torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]])})
+
+
+@pytest.mark.gpu
+def test_pack_batch_packs_on_the_batch_device():
+    """A batch already on the GPU (the TRL drop-ins pack after ``_prepare_inputs``) is packed there."""
+    expected = pack_batch(_padded_batch())
+    packed = pack_batch(_padded_batch("cuda"))
+    assert packed.keys() == expected.keys()
+    for key, value in expected.items():
+        assert packed[key].device.type == "cuda" and torch.equal(packed[key].cpu(), value), key
 
 
 def test_token_budget_batches():
