@@ -253,7 +253,6 @@ def test_exo_pair_without_smoothing_is_refused_as_trl(tmp_path, tokenizer):
         ("dpo", "DPOConfig", {"loss_type": "aot"}, "loss_type='aot' .*sorted across the batch"),
         ("dpo", "DPOConfig", {"loss_type": ["sigmoid", "aot_unpaired"]}, "aot_unpaired"),
         ("dpo", "DPOConfig", {"use_liger_kernel": True}, "use_liger_kernel=True on CPU .*Triton-only"),
-        ("dpo", "DPOConfig", {"padding_free": True}, "padding_free=True .*packs"),
     ],
 )
 def test_remaining_refusals_say_why(tmp_path, tokenizer, trainer_cls, config_cls, kwargs, match):

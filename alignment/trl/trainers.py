@@ -17,11 +17,24 @@ Tested with TRL 1.16.0 (``pip install 'prefuse[trl]'``). The options that matter
 ``label_smoothing`` (where TRL 1.16 reads it: ``robust``, ``exo_pair``), ``discopop_tau``, ``use_weighting``
 (WPO), ``ld_alpha`` (LD-DPO), ``f_divergence_type`` / ``f_alpha_divergence_coef``, ``desirable_weight`` /
 ``undesirable_weight``, ``precompute_ref_log_probs`` (TRL's stored sums are used), and a MoE model's router
-auxiliary loss (``router_aux_loss_coef``). Refused with a ``ValueError`` at construction:
+auxiliary loss (``router_aux_loss_coef``).
+
+``padding_free=True`` (``DPOConfig.padding_free``; ``KTOConfig`` has no such field in TRL 1.16: set
+``config.padding_free = True``) runs the model bodies without padding. TRL 1.16 switches the option off for DPO
+(with a warning) and pads; the drop-ins keep it from TRL's ``__init__`` and pack each step's batch themselves:
+TRL's collator still pads (on the right), and ``_compute_loss`` packs the policy/reference rows (DPO: the 2B
+chosen and rejected rows; KTO: the main rows, and the ``KL_*`` rows into a row of their own) with
+``prefuse.alignment.data.pack_batch`` into one row of the ``N`` real tokens, runs the model on it with
+``position_ids`` restarting per sequence and no attention mask (Hugging Face models build the block-causal mask
+from them), scores each token against the next label *of its own sequence* (``packed_targets``), and lays every
+per-token output back in the padded batch's shifted layout ``(rows, T-1)`` (zeros past a row's end). The loss and
+every metric are then those of the padded batch; only padding compute is saved. Multimodal inputs (pixel values,
+``token_type_ids`` ...) are refused with ``padding_free=True``.
+
+Refused with a ``ValueError`` at construction:
 
 - DPO ``loss_type`` ``aot`` / ``aot_unpaired``: losses on log-ratios sorted across the batch, which prefuse's
   losses (one formula per pair) do not have;
-- ``padding_free=True``: TRL packs the rows into one; these drop-ins score padded rows;
 - ``use_liger_kernel=True`` on CPU: Liger-Kernel's body kernels are Triton-only;
 - a PEFT adapter (LoRA) on the lm-head (``model_head`` raises: its delta would be skipped).
 """
@@ -41,6 +54,7 @@ except ImportError as err:  # pragma: no cover - exercised only without TRL
     raise ImportError("prefuse.alignment.trl needs TRL: pip install 'prefuse[trl]'") from err
 
 from prefuse.alignment import functional as Fn
+from prefuse.alignment.data.packing import pack_batch
 from prefuse.alignment.functional.dpo import dpo_pair_losses
 from prefuse.alignment.model_head import (
     adapter_disabled,
@@ -49,6 +63,7 @@ from prefuse.alignment.model_head import (
     is_peft_model,
     unwrap_causal_lm,
 )
+from prefuse.alignment.packing import PackedLayout, packed_targets
 from prefuse.kernels import linear_logprobs
 
 __all__ = ["TESTED_TRL_VERSION", "PrefuseDPOTrainer", "PrefuseKTOTrainer"]
@@ -88,11 +103,23 @@ def _refuse(errors: list[str], owner: str) -> None:
 
 def _check_common(args) -> list[str]:
     errors = []
-    if getattr(args, "padding_free", False):
-        errors.append("padding_free=True (TRL packs the rows into one; these drop-ins score padded rows)")
     if args.use_liger_kernel and args.device.type == "cpu":  # TRL applies Liger's body kernels at train()
         errors.append("use_liger_kernel=True on CPU (Liger-Kernel's kernels are Triton-only)")
     return errors
+
+
+@contextlib.contextmanager
+def _padding_free_kept_from_trl(args):
+    """Yields the user's ``padding_free``; within the block ``args.padding_free`` is False, so TRL 1.16's DPO
+    ``__init__`` does not warn that it falls back to padding (the drop-ins pack in ``_compute_loss``)."""
+    padding_free = bool(getattr(args, "padding_free", False))
+    if padding_free:
+        args.padding_free = False
+    try:
+        yield padding_free
+    finally:
+        if padding_free:
+            args.padding_free = True
 
 
 def _reference_context(trainer):
@@ -121,13 +148,50 @@ def _model_output(model, box: dict):
 
 
 def _token_outputs(trainer, model, labels, model_kwargs, *, grad: bool, stats: tuple[str, ...] = ()):
-    """``(per-token outputs, model output)`` of ``labels`` through the hidden-state forward and prefuse's op:
-    a ``(rows, T-1)`` log-prob tensor without ``stats``, else a ``TokenOutputs`` with them."""
+    """``(per-token outputs, model output)`` of ``labels`` ``(rows, T)`` through the hidden-state forward and
+    prefuse's op: a ``(rows, T-1)`` log-prob tensor without ``stats``, else a ``TokenOutputs`` with them; with
+    ``trainer.padding_free`` the rows run packed (``_packed_token_outputs``), in the same layout."""
     box: dict = {}
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()), _model_output(model, box):
-        head = forward_hidden(model, **model_kwargs)  # the op runs in the head's forward: gathered if sharded
-        out = head.apply(linear_logprobs, labels, shift=True, outputs=stats, **trainer.prefuse_options)
+        if trainer.padding_free:
+            out = _packed_token_outputs(trainer, model, labels, model_kwargs, stats)
+        else:  # the op runs in the head's forward: gathered if sharded
+            head = forward_hidden(model, **model_kwargs)
+            out = head.apply(linear_logprobs, labels, shift=True, outputs=stats, **trainer.prefuse_options)
     return out, box.get("output")
+
+
+def _packed_token_outputs(trainer, model, labels, model_kwargs, stats):
+    """``_token_outputs`` of right-padded rows ``(R, T)`` run as one packed row of their ``N`` real tokens.
+
+    ``pack_batch`` keeps the tokens (``attention_mask``), with ``position_ids`` restarting at 0 per row and no
+    attention mask (the model masks block-causally); token ``i`` of row ``r`` at position ``p`` predicts the
+    label at ``[r, p + 1]`` (``packed_targets``: ``-100`` at a row's last token), which is what the padded
+    ``shift=True`` call scores at ``[r, p]``. Each per-token output ``(1, N)`` goes back to ``[r, p]``
+    (``PackedLayout.token_rows``), zero (False) where the padded call has padding; ``(R, T-1)`` as padded."""
+    rows = {"input_ids": model_kwargs["input_ids"], "attention_mask": model_kwargs["attention_mask"]}
+    extra = sorted(k for k, v in model_kwargs.items() if k not in rows and isinstance(v, torch.Tensor))
+    if extra:
+        raise ValueError(
+            f"padding_free=True packs input_ids and attention_mask only; the batch also has {extra} (multimodal "
+            "inputs: per-image pixel values and per-token type ids that pack_batch does not lay out in one "
+            "packed row). Set padding_free=False"
+        )
+    options = {k: v for k, v in model_kwargs.items() if k not in rows}  # e.g. output_router_logits
+    packed = pack_batch({**rows, "labels": labels})
+    head = forward_hidden(model, packed["input_ids"], None, position_ids=packed["position_ids"], **options)
+    targets = packed_targets(packed["labels"], packed["sequence_ids"])
+    out = head.apply(linear_logprobs, targets, shift=False, outputs=stats, **trainer.prefuse_options)
+    layout = PackedLayout(packed["sequence_ids"])
+    n_rows, width = labels.shape[0], labels.shape[1] - 1
+
+    def padded(values, name):  # (rows, length - 1) -> (R, T-1): T can exceed the longest row + 1
+        values = layout.token_rows(values, shift=True, name=name)
+        return F.pad(values, (0, width - values.shape[1], 0, n_rows - values.shape[0]))
+
+    if isinstance(out, torch.Tensor):
+        return padded(out, "logp")
+    return out._replace(**{name: padded(v, name) for name, v in out._asdict().items() if v is not None})
 
 
 def _reference_logps(trainer, labels, model_kwargs) -> torch.Tensor:
@@ -195,7 +259,9 @@ class PrefuseDPOTrainer(DPOTrainer):
         _require(DPOTrainer)
         if args is not None:
             self._check_args(args)
-        super().__init__(model, ref_model, args, *rest, **kwargs)
+        with _padding_free_kept_from_trl(args) as padding_free:
+            super().__init__(model, ref_model, args, *rest, **kwargs)
+        self.padding_free = padding_free
         self._check_args(self.args)
         self.prefuse_options = head_options(self.model)
 
@@ -324,6 +390,7 @@ class PrefuseKTOTrainer(KTOTrainer):
         if args is not None:
             self._check_args(args)
         super().__init__(model, ref_model, args, *rest, **kwargs)
+        self.padding_free = bool(getattr(self.args, "padding_free", False))  # TRL's KTO does not read it
         self._check_args(self.args)
         self.prefuse_options = head_options(self.model)
 

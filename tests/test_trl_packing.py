@@ -1,0 +1,248 @@
+"""TRL drop-ins with ``padding_free=True``: ``PrefuseDPOTrainer`` / ``PrefuseKTOTrainer`` run the model bodies on
+one packed row of the batch's real tokens and compute what they compute on TRL's padded rows.
+
+Each test builds the same drop-in twice on the same tiny models (from configs, the bundled tokenizer), padded and
+packed, and runs one ``compute_loss`` + backward on the same collated batch: loss, every parameter gradient and
+every logged metric agree (float32), and forward hooks on the policy and reference models show the packed
+forwards saw ``(1, N)`` inputs, ``N`` the batch's real tokens, with position ids and no attention mask.
+Skipped without TRL.
+"""
+
+import logging
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+transformers = pytest.importorskip("transformers")
+
+from prefuse.alignment.data import build_tokenizer, load_preference_data  # noqa: E402
+from test_trl import DPO_METRICS, KTO_METRICS, _common  # noqa: E402
+from test_trl_patch import build, step, tiny_model  # noqa: E402
+
+prefuse_trl = pytest.importorskip("prefuse.alignment.trl")
+PrefuseDPOTrainer, PrefuseKTOTrainer = prefuse_trl.PrefuseDPOTrainer, prefuse_trl.PrefuseKTOTrainer
+tokenizer_fixture = pytest.fixture(scope="module", name="tokenizer")(build_tokenizer)
+TOKEN_STATS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # every TokenOutputs field but logp
+
+
+def _dpo_config(tmp_path, padding_free, **kwargs):
+    return trl.DPOConfig(**_common(tmp_path, padding_free=padding_free, **kwargs))
+
+
+def _kto_config(tmp_path, padding_free, **kwargs):
+    config = trl.KTOConfig(**_common(tmp_path, **kwargs))
+    config.padding_free = padding_free  # KTOConfig (TRL 1.16) has no such field: the drop-in reads it
+    return config
+
+
+def _trainer(trainer_cls, config, tokenizer, kind, *, ref_model, view, columns):
+    data = load_preference_data(view, limit=4).select_columns(columns)
+    return build(
+        trainer_cls,
+        model=tiny_model(tokenizer, 0, kind),
+        ref_model=tiny_model(tokenizer, 1, kind) if ref_model else None,
+        args=config,
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
+
+
+def _record_forwards(model, calls: list):
+    """Appends ``(input_ids shape, attention_mask is None, position_ids given)`` for every call of ``model``."""
+
+    def hook(module, args, kwargs):
+        calls.append(
+            (
+                tuple(kwargs["input_ids"].shape),
+                kwargs.get("attention_mask") is None,
+                kwargs.get("position_ids") is not None,
+            )
+        )
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _step_recorded(trainer, rows: int):
+    """``test_trl_patch.step`` on the first ``rows`` examples; ``{"policy": calls, "reference": calls}``."""
+    calls = {"policy": [], "reference": []}
+    handles = [_record_forwards(trainer.model, calls["policy"])]
+    if trainer.ref_model is not None:
+        handles.append(_record_forwards(trainer.ref_model, calls["reference"]))
+    try:
+        out = step(
+            trainer, lambda t: t._prepare_inputs(t.data_collator([t.train_dataset[i] for i in range(rows)]))
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, calls
+
+
+def _assert_same(packed, padded, metric_keys):
+    """Loss, every parameter gradient (relative to its largest entry) and every logged metric, float32."""
+    torch.testing.assert_close(packed[0], padded[0], rtol=1e-5, atol=1e-6)
+    assert packed[1].keys() == padded[1].keys() and padded[1]
+    for key, expected in padded[1].items():
+        scale = expected.abs().max().clamp(min=1e-6)
+        torch.testing.assert_close(packed[1][key] / scale, expected / scale, rtol=1e-5, atol=1e-5, msg=key)
+    assert packed[2].keys() == padded[2].keys() and set(metric_keys) <= padded[2].keys()
+    for key, expected in padded[2].items():
+        assert packed[2][key] == pytest.approx(expected, rel=1e-5, abs=1e-6), key
+
+
+def _tokens(batch, prefix=""):
+    return int(batch[f"{prefix}attention_mask"].sum())
+
+
+@pytest.mark.parametrize(
+    "kind,ref_model,extra",
+    [
+        ("llama", True, {"loss_type": "sigmoid"}),
+        ("llama", True, {"loss_type": "ipo", "pad_to_multiple_of": 16}),  # padded width T > the longest row
+        ("llama", True, {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "use_weighting": True}),
+        ("llama", False, {"loss_type": "sigmoid", "precompute_ref_log_probs": True}),
+        ("gemma2", True, {"loss_type": "sigmoid"}),  # a final-logit softcap, sliding-window layers
+        ("gemma2", True, {"loss_type": "ipo", "precompute_ref_log_probs": True}),
+        ("mixtral", True, {"loss_type": "sigmoid"}),  # the router auxiliary loss of the packed forward
+    ],
+)
+def test_dpo_packed_equals_padded(tmp_path, tokenizer, kind, ref_model, extra):
+    rows = 4
+    runs = {}
+    for padding_free in (False, True):
+        trainer = _trainer(
+            PrefuseDPOTrainer,
+            _dpo_config(tmp_path, padding_free, **extra),
+            tokenizer,
+            kind,
+            ref_model=ref_model,
+            view="paired",
+            columns=["prompt", "chosen", "rejected"],
+        )
+        assert trainer.padding_free is padding_free and trainer.args.padding_free is padding_free
+        runs[padding_free] = _step_recorded(trainer, rows)
+    (padded, padded_calls), (packed, packed_calls) = runs[False], runs[True]
+    _assert_same(packed, padded, DPO_METRICS + (("aux_loss",) if kind == "mixtral" else ()))
+
+    batch = padded[3]
+    assert batch["input_ids"].shape[0] == 2 * rows and (batch["attention_mask"] == 0).any()  # padding to skip
+    references = 0 if extra.get("precompute_ref_log_probs") else 1
+    assert padded_calls["policy"] == [(tuple(batch["input_ids"].shape), False, False)]
+    assert packed_calls["policy"] == [((1, _tokens(batch)), True, True)]
+    assert packed_calls["reference"] == [((1, _tokens(batch)), True, True)] * references
+
+
+@pytest.mark.parametrize(
+    "kind,ref_model,extra",
+    [
+        ("llama", True, {}),
+        ("llama", True, {"loss_type": "apo_zero_unpaired", "undesirable_weight": 0.6}),
+        ("llama", False, {"precompute_ref_log_probs": True}),
+        ("gemma2", True, {"desirable_weight": 1.5, "undesirable_weight": 0.7}),
+    ],
+)
+def test_kto_packed_equals_padded(tmp_path, tokenizer, kind, ref_model, extra):
+    rows = 8
+    runs = {}
+    for padding_free in (False, True):
+        trainer = _trainer(
+            PrefuseKTOTrainer,
+            _kto_config(tmp_path, padding_free, **extra),
+            tokenizer,
+            kind,
+            ref_model=ref_model,
+            view="unpaired",
+            columns=["prompt", "completion", "label"],
+        )
+        assert trainer.padding_free is padding_free
+        runs[padding_free] = _step_recorded(trainer, rows)
+    (padded, _), (packed, packed_calls) = runs[False], runs[True]
+    _assert_same(packed, padded, KTO_METRICS if extra.get("loss_type") is None else ("rewards/chosen",))
+
+    batch = padded[3]
+    assert (batch["attention_mask"] == 0).any()
+    main = ((1, _tokens(batch)), True, True)
+    if extra.get("loss_type") == "apo_zero_unpaired":  # no KL rows
+        scored = [main]
+    else:  # the KL rows: a packed row of their own, scored after the main rows
+        assert (batch["KL_attention_mask"] == 0).any()
+        scored = [main, ((1, _tokens(batch, "KL_")), True, True)]
+    assert packed_calls["policy"] == scored
+    assert packed_calls["reference"] == ([] if extra.get("precompute_ref_log_probs") else scored)
+
+
+def test_every_token_output_is_laid_out_as_the_padded_rows(tmp_path, tokenizer):
+    """The helper itself on hand-made right-padded rows: a row shorter than the others, an all-padding last row
+    and a width past the longest row -- every ``TokenOutputs`` field (is-top-1 a bool) equals the padded call's,
+    zero (False) where the padded rows have no token."""
+    trainer = _trainer(
+        PrefuseDPOTrainer,
+        _dpo_config(tmp_path, True),
+        tokenizer,
+        "llama",
+        ref_model=True,
+        view="paired",
+        columns=["prompt", "chosen", "rejected"],
+    )
+    gen = torch.Generator().manual_seed(0)
+    lengths = [7, 4, 6, 0]
+    width = 9
+    input_ids = torch.randint(5, 200, (len(lengths), width), generator=gen)
+    attention_mask = (torch.arange(width) < torch.tensor(lengths).unsqueeze(1)).long()
+    input_ids = input_ids.masked_fill(attention_mask == 0, tokenizer.pad_token_id)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :2] = -100  # a two-token prompt
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    outputs = {}
+    for padding_free in (False, True):
+        trainer.padding_free = padding_free
+        outputs[padding_free] = prefuse_trl.trainers._token_outputs(
+            trainer, trainer.model, labels, kwargs, grad=False, stats=TOKEN_STATS
+        )[0]
+    for name in ("logp",) + TOKEN_STATS:
+        padded, packed = getattr(outputs[False], name), getattr(outputs[True], name)
+        assert packed.shape == (len(lengths), width - 1) and packed.dtype == padded.dtype, name
+        scored = labels[:, 1:] != -100
+        torch.testing.assert_close(packed[scored], padded[scored], rtol=1e-5, atol=1e-5, msg=name)
+        assert not packed[~scored].any(), name
+        assert packed[scored].any(), name
+
+
+def test_trl_s_fallback_warning_is_not_printed(tmp_path, tokenizer, caplog):
+    """TRL 1.16's DPO warns that ``padding_free`` is off and pads; the drop-in packs, so TRL's warning (which
+    ``trl.DPOTrainer`` prints for the same config) would be wrong."""
+    logs = {}
+    for cls in (trl.DPOTrainer, PrefuseDPOTrainer):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            trainer = _trainer(
+                cls,
+                _dpo_config(tmp_path, True),
+                tokenizer,
+                "llama",
+                ref_model=True,
+                view="paired",
+                columns=["prompt", "chosen", "rejected"],
+            )
+        logs[cls] = caplog.text
+    assert "padding_free" in logs[trl.DPOTrainer]
+    assert "padding_free" not in logs[PrefuseDPOTrainer]
+    assert trainer.args.padding_free is True and trainer.padding_free is True
+
+
+@pytest.mark.parametrize("key", ["token_type_ids", "pixel_values"])
+def test_multimodal_inputs_are_refused_with_padding_free(tmp_path, tokenizer, key):
+    trainer = _trainer(
+        PrefuseDPOTrainer,
+        _dpo_config(tmp_path, True),
+        tokenizer,
+        "llama",
+        ref_model=True,
+        view="paired",
+        columns=["prompt", "chosen", "rejected"],
+    )
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(2)]))
+    batch[key] = torch.zeros_like(batch["input_ids"])
+    with pytest.raises(ValueError, match=rf"padding_free=True .*\['{key}'\].*multimodal"):
+        trainer.compute_loss(trainer.model, batch)
