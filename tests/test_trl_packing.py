@@ -9,6 +9,7 @@ Skipped without TRL.
 """
 
 import logging
+import math
 
 import pytest
 import torch
@@ -26,25 +27,25 @@ tokenizer_fixture = pytest.fixture(scope="module", name="tokenizer")(build_token
 TOKEN_STATS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # every TokenOutputs field but logp
 
 
-def _dpo_config(tmp_path, padding_free, **kwargs):
-    return trl.DPOConfig(**_common(tmp_path, padding_free=padding_free, **kwargs))
-
-
-def _kto_config(tmp_path, padding_free, **kwargs):
-    config = trl.KTOConfig(**_common(tmp_path, **kwargs))
-    config.padding_free = padding_free  # KTOConfig (TRL 1.16) has no such field: the drop-in reads it
-    return config
-
-
-def _trainer(trainer_cls, config, tokenizer, kind, *, ref_model, view, columns):
-    data = load_preference_data(view, limit=4).select_columns(columns)
+def _trainer(trainer_cls, tmp_path, tokenizer, kind="llama", *, padding_free, ref_model=True, **kwargs):
+    """The drop-in on tiny models of ``kind`` (the reference another one, or None) and TRL options ``kwargs``
+    (``peft_config`` goes to the trainer)."""
+    peft_config = kwargs.pop("peft_config", None)
+    if issubclass(trainer_cls, trl.DPOTrainer):
+        view, columns = "paired", ["prompt", "chosen", "rejected"]
+        config = trl.DPOConfig(**_common(tmp_path, padding_free=padding_free, **kwargs))
+    else:
+        view, columns = "unpaired", ["prompt", "completion", "label"]
+        config = trl.KTOConfig(**_common(tmp_path, **kwargs))
+        config.padding_free = padding_free  # KTOConfig (TRL 1.16) has no such field: the drop-in reads it
     return build(
         trainer_cls,
         model=tiny_model(tokenizer, 0, kind),
         ref_model=tiny_model(tokenizer, 1, kind) if ref_model else None,
         args=config,
-        train_dataset=data,
+        train_dataset=load_preference_data(view, limit=4).select_columns(columns),
         processing_class=tokenizer,
+        peft_config=peft_config,
     )
 
 
@@ -95,6 +96,20 @@ def _tokens(batch, prefix=""):
     return int(batch[f"{prefix}attention_mask"].sum())
 
 
+def _padded_and_packed(trainer_cls, tmp_path, tokenizer, kind, rows, **kwargs):
+    """``(padded step, packed step, packed forwards)``: the same drop-in built padded and packed, one step each."""
+    runs = {}
+    for padding_free in (False, True):
+        trainer = _trainer(trainer_cls, tmp_path, tokenizer, kind, padding_free=padding_free, **kwargs)
+        assert trainer.padding_free is padding_free and trainer.args.padding_free is padding_free
+        runs[padding_free] = _step_recorded(trainer, rows)
+    (padded, padded_calls), (packed, packed_calls) = runs[False], runs[True]
+    batch = padded[3]
+    assert (batch["attention_mask"] == 0).any()  # there is padding to skip
+    assert padded_calls["policy"][0] == (tuple(batch["input_ids"].shape), False, False)
+    return padded, packed, packed_calls
+
+
 @pytest.mark.parametrize(
     "kind,ref_model,extra",
     [
@@ -108,29 +123,27 @@ def _tokens(batch, prefix=""):
     ],
 )
 def test_dpo_packed_equals_padded(tmp_path, tokenizer, kind, ref_model, extra):
-    rows = 4
-    runs = {}
-    for padding_free in (False, True):
-        trainer = _trainer(
-            PrefuseDPOTrainer,
-            _dpo_config(tmp_path, padding_free, **extra),
-            tokenizer,
-            kind,
-            ref_model=ref_model,
-            view="paired",
-            columns=["prompt", "chosen", "rejected"],
-        )
-        assert trainer.padding_free is padding_free and trainer.args.padding_free is padding_free
-        runs[padding_free] = _step_recorded(trainer, rows)
-    (padded, padded_calls), (packed, packed_calls) = runs[False], runs[True]
+    padded, packed, calls = _padded_and_packed(
+        PrefuseDPOTrainer, tmp_path, tokenizer, kind, 4, ref_model=ref_model, **extra
+    )
     _assert_same(packed, padded, DPO_METRICS + (("aux_loss",) if kind == "mixtral" else ()))
-
     batch = padded[3]
-    assert batch["input_ids"].shape[0] == 2 * rows and (batch["attention_mask"] == 0).any()  # padding to skip
+    assert batch["input_ids"].shape[0] == 8  # the chosen and rejected rows, packed into one
+    assert calls["policy"] == [((1, _tokens(batch)), True, True)]
     references = 0 if extra.get("precompute_ref_log_probs") else 1
-    assert padded_calls["policy"] == [(tuple(batch["input_ids"].shape), False, False)]
-    assert packed_calls["policy"] == [((1, _tokens(batch)), True, True)]
-    assert packed_calls["reference"] == [((1, _tokens(batch)), True, True)] * references
+    assert calls["reference"] == [((1, _tokens(batch)), True, True)] * references
+
+
+def test_dpo_lora_reference_packed_equals_padded(tmp_path, tokenizer):
+    """No reference model: the reference is the LoRA policy with its adapter disabled, packed as well."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    padded, packed, calls = _padded_and_packed(
+        PrefuseDPOTrainer, tmp_path, tokenizer, "llama", 4, ref_model=False, peft_config=lora
+    )
+    _assert_same(packed, padded, DPO_METRICS)
+    assert padded[2]["rewards/margins"][-1] != 0  # the adapter moves the policy away from its reference
+    assert calls["policy"] == [((1, _tokens(padded[3])), True, True)] * 2  # the policy, then its base
 
 
 @pytest.mark.parametrize(
@@ -143,48 +156,44 @@ def test_dpo_packed_equals_padded(tmp_path, tokenizer, kind, ref_model, extra):
     ],
 )
 def test_kto_packed_equals_padded(tmp_path, tokenizer, kind, ref_model, extra):
-    rows = 8
-    runs = {}
-    for padding_free in (False, True):
-        trainer = _trainer(
-            PrefuseKTOTrainer,
-            _kto_config(tmp_path, padding_free, **extra),
-            tokenizer,
-            kind,
-            ref_model=ref_model,
-            view="unpaired",
-            columns=["prompt", "completion", "label"],
-        )
-        assert trainer.padding_free is padding_free
-        runs[padding_free] = _step_recorded(trainer, rows)
-    (padded, _), (packed, packed_calls) = runs[False], runs[True]
+    padded, packed, calls = _padded_and_packed(
+        PrefuseKTOTrainer, tmp_path, tokenizer, kind, 8, ref_model=ref_model, **extra
+    )
     _assert_same(packed, padded, KTO_METRICS if extra.get("loss_type") is None else ("rewards/chosen",))
-
     batch = padded[3]
-    assert (batch["attention_mask"] == 0).any()
     main = ((1, _tokens(batch)), True, True)
     if extra.get("loss_type") == "apo_zero_unpaired":  # no KL rows
         scored = [main]
     else:  # the KL rows: a packed row of their own, scored after the main rows
         assert (batch["KL_attention_mask"] == 0).any()
         scored = [main, ((1, _tokens(batch, "KL_")), True, True)]
-    assert packed_calls["policy"] == scored
-    assert packed_calls["reference"] == ([] if extra.get("precompute_ref_log_probs") else scored)
+    assert calls["policy"] == scored
+    assert calls["reference"] == ([] if extra.get("precompute_ref_log_probs") else scored)
+
+
+@pytest.mark.parametrize("trainer_cls", [PrefuseDPOTrainer, PrefuseKTOTrainer])
+def test_a_short_packed_training_run(tmp_path, tokenizer, trainer_cls):
+    """``train()`` (the Trainer's loop, accelerate's preparation) runs packed forwards only and logs finite
+    losses."""
+    trainer = _trainer(
+        trainer_cls, tmp_path, tokenizer, padding_free=True, max_steps=2, logging_steps=1, learning_rate=1e-3
+    )
+    calls = []
+    handle = _record_forwards(trainer.model, calls)
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) and h["num_tokens"] > 0 for h in logs)
+    assert calls and all(shape[0] == 1 and no_mask and positions for shape, no_mask, positions in calls)
 
 
 def test_every_token_output_is_laid_out_as_the_padded_rows(tmp_path, tokenizer):
     """The helper itself on hand-made right-padded rows: a row shorter than the others, an all-padding last row
     and a width past the longest row -- every ``TokenOutputs`` field (is-top-1 a bool) equals the padded call's,
     zero (False) where the padded rows have no token."""
-    trainer = _trainer(
-        PrefuseDPOTrainer,
-        _dpo_config(tmp_path, True),
-        tokenizer,
-        "llama",
-        ref_model=True,
-        view="paired",
-        columns=["prompt", "chosen", "rejected"],
-    )
+    trainer = _trainer(PrefuseDPOTrainer, tmp_path, tokenizer, padding_free=True)
     gen = torch.Generator().manual_seed(0)
     lengths = [7, 4, 6, 0]
     width = 9
@@ -216,15 +225,7 @@ def test_trl_s_fallback_warning_is_not_printed(tmp_path, tokenizer, caplog):
     for cls in (trl.DPOTrainer, PrefuseDPOTrainer):
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            trainer = _trainer(
-                cls,
-                _dpo_config(tmp_path, True),
-                tokenizer,
-                "llama",
-                ref_model=True,
-                view="paired",
-                columns=["prompt", "chosen", "rejected"],
-            )
+            trainer = _trainer(cls, tmp_path, tokenizer, padding_free=True)
         logs[cls] = caplog.text
     assert "padding_free" in logs[trl.DPOTrainer]
     assert "padding_free" not in logs[PrefuseDPOTrainer]
@@ -233,16 +234,20 @@ def test_trl_s_fallback_warning_is_not_printed(tmp_path, tokenizer, caplog):
 
 @pytest.mark.parametrize("key", ["token_type_ids", "pixel_values"])
 def test_multimodal_inputs_are_refused_with_padding_free(tmp_path, tokenizer, key):
-    trainer = _trainer(
-        PrefuseDPOTrainer,
-        _dpo_config(tmp_path, True),
-        tokenizer,
-        "llama",
-        ref_model=True,
-        view="paired",
-        columns=["prompt", "chosen", "rejected"],
-    )
+    trainer = _trainer(PrefuseDPOTrainer, tmp_path, tokenizer, padding_free=True)
     batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(2)]))
     batch[key] = torch.zeros_like(batch["input_ids"])
     with pytest.raises(ValueError, match=rf"padding_free=True .*\['{key}'\].*multimodal"):
         trainer.compute_loss(trainer.model, batch)
+
+
+def test_prompt_learning_adapters_are_refused_with_padding_free(tmp_path, tokenizer):
+    """PEFT prompt tuning prepends its virtual tokens once per row and drops ``position_ids``: on a packed row the
+    sequences would attend across each other, so the drop-ins refuse it (and accept it padded)."""
+    peft = pytest.importorskip("peft")
+    prompt_tuning = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    for trainer_cls in (PrefuseDPOTrainer, PrefuseKTOTrainer):
+        kwargs = {"ref_model": False, "peft_config": prompt_tuning}
+        assert not _trainer(trainer_cls, tmp_path, tokenizer, padding_free=False, **kwargs).padding_free
+        with pytest.raises(ValueError, match="padding_free=True with a prompt-learning PEFT adapter"):
+            _trainer(trainer_cls, tmp_path, tokenizer, padding_free=True, **kwargs)

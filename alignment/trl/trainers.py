@@ -28,8 +28,9 @@ chosen and rejected rows; KTO: the main rows, and the ``KL_*`` rows into a row o
 ``position_ids`` restarting per sequence and no attention mask (Hugging Face models build the block-causal mask
 from them), scores each token against the next label *of its own sequence* (``packed_targets``), and lays every
 per-token output back in the padded batch's shifted layout ``(rows, T-1)`` (zeros past a row's end). The loss and
-every metric are then those of the padded batch; only padding compute is saved. Multimodal inputs (pixel values,
-``token_type_ids`` ...) are refused with ``padding_free=True``.
+every metric are then those of the padded batch; only padding compute is saved. Refused with
+``padding_free=True`` (``ValueError``): multimodal inputs (pixel values, ``token_type_ids`` ...), which
+``pack_batch`` does not lay out, and a prompt-learning PEFT adapter, which ignores ``position_ids``.
 
 Refused with a ``ValueError`` at construction:
 
@@ -120,6 +121,21 @@ def _padding_free_kept_from_trl(args):
     finally:
         if padding_free:
             args.padding_free = True
+
+
+def _packing(trainer, padding_free: bool) -> bool:
+    """``padding_free``, refused (``ValueError``) for a prompt-learning PEFT adapter (prompt / prefix tuning ...):
+    PEFT prepends its virtual tokens once to the packed row, not to each sequence, and drops ``position_ids``
+    (prefix tuning offsets them), so the packed sequences would attend across each other."""
+    if padding_free and is_peft_model(trainer.model):
+        config = trainer.accelerator.unwrap_model(trainer.model).active_peft_config
+        if config.is_prompt_learning:
+            raise ValueError(
+                f"padding_free=True with a prompt-learning PEFT adapter ({type(config).__name__}) is not supported: "
+                "PEFT adds its virtual tokens once to the packed row, not to each sequence, and ignores the "
+                "position_ids that keep the packed sequences apart. Set padding_free=False"
+            )
+    return padding_free
 
 
 def _reference_context(trainer):
@@ -261,7 +277,7 @@ class PrefuseDPOTrainer(DPOTrainer):
             self._check_args(args)
         with _padding_free_kept_from_trl(args) as padding_free:
             super().__init__(model, ref_model, args, *rest, **kwargs)
-        self.padding_free = padding_free
+        self.padding_free = _packing(self, padding_free)
         self._check_args(self.args)
         self.prefuse_options = head_options(self.model)
 
@@ -390,7 +406,8 @@ class PrefuseKTOTrainer(KTOTrainer):
         if args is not None:
             self._check_args(args)
         super().__init__(model, ref_model, args, *rest, **kwargs)
-        self.padding_free = bool(getattr(self.args, "padding_free", False))  # TRL's KTO does not read it
+        padding_free = bool(getattr(self.args, "padding_free", False))  # TRL's KTO ignores it
+        self.padding_free = _packing(self, padding_free)
         self._check_args(self.args)
         self.prefuse_options = head_options(self.model)
 
