@@ -3,6 +3,7 @@ packed layout's own arithmetic, and the error messages of malformed packed input
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import processes
@@ -280,11 +281,13 @@ CASES = [
 @pytest.mark.parametrize(("method", "family"), CASES)
 def test_packed_batch_equals_padded_through_the_model(tmp_path, method, family):
     """The whole step on a model: packed (position ids, no attention mask) equals padded -- loss, metrics and
-    every parameter's gradient, float32."""
+    every parameter's gradient, float32. The padded batch is padded to a multiple of 64 columns, wider than its
+    longest row (SamPO's sample must not depend on the padded width)."""
     trainer = _trainer(tmp_path, method, family)
     features = [trainer.train_dataset[i] for i in range(4)]
-    padded = trainer.data_collator(features)
-    packed = pack_batch(padded)
+    packed = pack_batch(trainer.data_collator(features))
+    padded = dataclasses.replace(trainer.data_collator, pad_to_multiple_of=64)(features)
+    assert padded["input_ids"].shape[1] == 64 and padded["attention_mask"][:, -1].sum() == 0
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
     sampo = hasattr(trainer.loss_module, "generator_state")
     out_pad, grads_pad = _loss_and_grads(trainer, padded)
