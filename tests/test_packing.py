@@ -4,6 +4,7 @@ packed layout's own arithmetic, and the error messages of malformed packed input
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import processes
@@ -399,8 +400,27 @@ def test_benchmark_padding_fraction_and_lengths():
 
 
 @pytest.mark.slow  # tokenises the bundled data and times tiny steps
-def test_benchmark_section_runs():
-    from benchmarks.packing import section
+def test_benchmark_section_runs(tmp_path):
+    from benchmarks.packing import main
 
-    text = section(pairs=8, pairs_per_batch=2, batches=1, max_length=64, hidden=16, layers=1, repeats=1)
-    assert "| bundled data |" in text and "| UltraFeedback-like (generated) |" in text
+    main(["--pairs", "8", "--pairs-per-batch", "2", "--batches", "1", "--max-length", "64", "--hidden", "16",
+          "--layers", "1", "--repeats", "2", "--out", str(tmp_path)])  # fmt: skip
+    text = (tmp_path / "packing.md").read_text()
+    assert "| bundled data | 16 |" in text and "| UltraFeedback-like (generated) | 16 |" in text
+    records = json.loads((tmp_path / "packing.json").read_text())["records"]
+    assert [len(r["seconds"]["padded"]) for r in records] == [2, 2]
+    ratios = [r["predicted_llama3_8b_flop_ratio"] for r in records]
+    assert 0 < ratios[0] < 1 and 0 < ratios[1] <= 1  # the bundled rows carry padding
+
+
+def test_predicted_flop_ratio():
+    """The FLOP model: a batch without padding costs the same packed; one row of 2 slots padded to 4 costs the
+    padded slots' projections and the square of the padded row's attention."""
+    from benchmarks.packing import body_flops, predicted_ratio
+
+    shapes = {"hidden": 2, "layers": 1, "intermediate": 3, "kv_dim": 1}
+    linear = 2 * (2 * 4 + 2 * 2 + 3 * 6)  # per token: 2·(2d² + 2·d·kv + 3·d·f) with d=2, kv=1, f=3
+    assert body_flops([2], None, **shapes) == linear * 2 + 2 * 4 * 2
+    assert body_flops([2], 4, **shapes) == linear * 4 + 2 * 16 * 2
+    assert predicted_ratio([(3, 5, 5)] * 4, 4) == pytest.approx(1.0)
+    assert predicted_ratio([(3, 5, 1)], 1) < 1.0
