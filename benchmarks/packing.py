@@ -3,17 +3,27 @@
 
 Two length distributions: the bundled preference data (tokenised with the bundled tokenizer) and a generated one
 shaped like UltraFeedback's (prompt and completion lengths log-normal with long tails, chosen and rejected drawn
-independently; nothing downloaded). ``python -m benchmarks.packing`` prints a markdown section; ``--pairs``,
-``--batches`` and the model size keep it short on a CPU.
+independently; nothing downloaded). Beside the measured times, a prediction labelled as such: the packed / padded
+forward FLOPs of a Llama-3-8B body on the same batches with variable-length attention.
+
+``python -m benchmarks.packing`` prints a markdown section; ``--out DIR`` also writes it to ``DIR/packing.md``
+with the raw times and the environment in ``DIR/packing.json``. ``--device cuda --attn flash_attention_2``
+measures a GPU with the variable-length kernel (sdpa and eager attend over the packed row's whole ``N × N``
+block-causal mask); ``--pairs``, ``--batches`` and ``--hidden`` keep it short on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+from benchmarks import environment
 
 ULTRAFEEDBACK_LIKE = {"prompt": (100.0, 0.9), "completion": (250.0, 0.7)}
 """(median, log-space standard deviation) of the generated prompt and completion lengths, in tokens."""
@@ -73,6 +83,35 @@ def _features(lengths, vocab: int, gen: torch.Generator) -> list[dict]:
     ]
 
 
+LLAMA3_8B_BODY = {"hidden": 4096, "layers": 32, "intermediate": 14336, "kv_dim": 1024}
+"""Llama-3-8B's body shapes (``kv_dim``: 8 key-value heads of 128) for the FLOP prediction."""
+
+
+def body_flops(
+    rows: list[int], width: int | None, *, hidden: int, layers: int, intermediate: int, kv_dim: int
+) -> float:
+    """Forward matmul FLOPs of a Llama body on rows of the given token counts: every token slot pays the
+    projections and the MLP, ``2·(2·d² + 2·d·kv + 3·d·f)`` per layer; attention pays ``2·n²·d`` per causal
+    sequence of ``n`` slots (QKᵀ and PV, half the square). ``width``: the rows are padded to it (every slot
+    computed, as sdpa does); None: each row alone, as a variable-length attention kernel runs a packed row."""
+    linear = 2 * (2 * hidden * hidden + 2 * hidden * kv_dim + 3 * hidden * intermediate)
+    slots = [width if width is not None else n for n in rows]
+    return layers * sum(linear * n + 2 * n * n * hidden for n in slots)
+
+
+def predicted_ratio(lengths: list[tuple[int, int, int]], pairs_per_batch: int) -> float:
+    """Prediction, not a measurement: packed / padded body FLOPs of a Llama-3-8B forward on these batches, the
+    packed row run with variable-length attention (flash-attention varlen), the padded batch padded to its longest
+    row."""
+    packed = padded = 0.0
+    for start in range(0, len(lengths), pairs_per_batch):
+        batch = lengths[start : start + pairs_per_batch]
+        rows = [p + c for p, c, _ in batch] + [p + r for p, _, r in batch]
+        packed += body_flops(rows, None, **LLAMA3_8B_BODY)
+        padded += body_flops(rows, max(rows), **LLAMA3_8B_BODY)
+    return packed / padded
+
+
 def step_times(
     lengths,
     *,
@@ -81,10 +120,14 @@ def step_times(
     hidden: int = 64,
     layers: int = 2,
     vocab: int = 2048,
-    repeats: int = 3,
+    repeats: int = 5,
     seed: int = 0,
-) -> dict[str, float]:
-    """Median seconds of a DPO step (forward+backward) on ``batches`` batches of the pairs, padded and packed."""
+    device: str = "cpu",
+    attn: str = "sdpa",
+) -> dict[str, list[float]]:
+    """Seconds of ``batches`` DPO steps (forward+backward; one sum per repeat) on the pairs, padded and packed.
+
+    The two layouts alternate within every repeat, so both see the same machine state; ``repeats`` sums each."""
     from prefuse.alignment import DPOLoss
     from prefuse.alignment.data.collators import PairedCollator
     from prefuse.alignment.data.packing import pack_batch
@@ -101,18 +144,28 @@ def step_times(
         num_key_value_heads=2,
         max_position_embeddings=4096,
     )
-    model = LlamaForCausalLM(config).float()
-    loss = DPOLoss(backend="torch")
+    model = LlamaForCausalLM._from_config(config, attn_implementation=attn).float().to(device)
+    loss = DPOLoss(backend="torch" if device == "cpu" else "auto")
     gen = torch.Generator().manual_seed(seed)
     collate = PairedCollator(pad_token_id=0)
     padded = []
     for i in range(batches):
         features = _features(lengths[i * pairs_per_batch : (i + 1) * pairs_per_batch], vocab, gen)
         padded.append({**collate(features), "rows": 2 * len(features)})
+    layouts = {
+        name: [
+            {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches_
+        ]
+        for name, batches_ in (("padded", padded), ("packed", [pack_batch(b) for b in padded]))
+    }
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step(batch: dict) -> float:
         model.zero_grad(set_to_none=True)
-        ref = torch.zeros(batch["rows"])  # reference sums: the reference forward is not what is compared
+        ref = torch.zeros(
+            batch["rows"], device=device
+        )  # reference sums: the reference forward is not compared
+        sync()
         start = time.perf_counter()
         if "sequence_ids" in batch:
             head = forward_hidden(model, batch["input_ids"], None, position_ids=batch["position_ids"])
@@ -121,33 +174,68 @@ def step_times(
             head = forward_hidden(model, batch["input_ids"], batch["attention_mask"])
             out = head.apply(loss, batch["labels"], ref_logps=ref)
         out.loss.backward()
+        sync()
         return time.perf_counter() - start
 
-    times = {}
-    for name, layout in (("padded", padded), ("packed", [pack_batch(b) for b in padded])):
-        step(layout[0])  # warm-up
-        times[name] = statistics.median(sum(step(b) for b in layout) for _ in range(repeats))
+    for layout in layouts.values():  # warm-up: every batch's shapes once (oneDNN builds kernels per shape)
+        for batch in layout:
+            step(batch)
+    times: dict[str, list[float]] = {name: [] for name in layouts}
+    for _ in range(repeats):
+        for name, layout in layouts.items():
+            times[name].append(sum(step(b) for b in layout))
     return times
 
 
-def section(*, pairs: int, pairs_per_batch: int, batches: int, max_length: int, **model) -> str:
-    """The markdown section: padding fraction and packed / padded step time per length distribution."""
+DISTRIBUTIONS = ("bundled data", "UltraFeedback-like (generated)")
+
+
+def measure(
+    *, pairs: int, pairs_per_batch: int, batches: int, max_length: int, hiddens: tuple[int, ...], layers: int,
+    repeats: int, device: str = "cpu", attn: str = "sdpa",
+) -> list[dict]:  # fmt: skip
+    """One record per (length distribution, body width): padding share, the predicted Llama-3-8B FLOP ratio and
+    the measured step times (every repeat's sum, seconds)."""
+    sources = {
+        DISTRIBUTIONS[0]: bundled_lengths(max_length=max_length),
+        DISTRIBUTIONS[1]: generated_lengths(pairs, max_length=max_length),
+    }
+    records = []
+    for name, lengths in sources.items():
+        for hidden in hiddens:
+            times = step_times(
+                lengths, pairs_per_batch=pairs_per_batch, batches=batches, hidden=hidden, layers=layers,
+                repeats=repeats, device=device, attn=attn,
+            )  # fmt: skip
+            records.append({
+                "lengths": name, "hidden": hidden, "layers": layers,
+                "padding_fraction": padding_fraction(lengths, pairs_per_batch),
+                "predicted_llama3_8b_flop_ratio": predicted_ratio(lengths, pairs_per_batch),
+                "seconds": times,
+            })  # fmt: skip
+    return records
+
+
+def section(
+    records: list[dict], *, pairs_per_batch: int, batches: int, max_length: int, attn: str = "sdpa"
+) -> str:
+    """The markdown section of ``measure``'s records: padding share, measured packed / padded step time (medians
+    of the interleaved repeats) and the predicted FLOP ratio of a Llama-3-8B body."""
     lines = [
         "## Padding-free batches", "",
-        f"DPO step (tiny Llama body, prefuse head and loss, forward+backward), {pairs_per_batch} pairs per batch, "
-        f"rows cut to {max_length} tokens; time: median of the sum over {batches} batches.", "",
-        "| lengths | padding in padded batches | step time padded | step time packed | packed / padded |",
-        "|---|---|---|---|---|",
+        f"A DPO step (tiny Llama body of the given width, {attn} attention, prefuse head and loss, forward+backward), "
+        f"{pairs_per_batch} pairs per batch, rows cut to {max_length} tokens; time: the median over repeats of the "
+        f"sum over {batches} batches, padded and packed alternating. The last column is a prediction: packed / "
+        "padded forward FLOPs of a Llama-3-8B body, the packed row under variable-length (flash) attention.", "",
+        "| lengths | body width | padding in padded batches | step padded | step packed | packed / padded "
+        "| Llama-3-8B FLOPs packed / padded (predicted) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
-    for name, lengths in (
-        ("bundled data", bundled_lengths(max_length=max_length)),
-        ("UltraFeedback-like (generated)", generated_lengths(pairs, max_length=max_length)),
-    ):
-        frac = padding_fraction(lengths, pairs_per_batch)
-        times = step_times(lengths, pairs_per_batch=pairs_per_batch, batches=batches, **model)
-        ratio = times["packed"] / times["padded"]
+    for r in records:
+        padded, packed = (statistics.median(r["seconds"][k]) for k in ("padded", "packed"))
         lines.append(
-            f"| {name} | {frac:.1%} | {times['padded'] * 1e3:.1f} ms | {times['packed'] * 1e3:.1f} ms | {ratio:.2f} |"
+            f"| {r['lengths']} | {r['hidden']} | {r['padding_fraction']:.1%} | {padded * 1e3:.0f} ms "
+            f"| {packed * 1e3:.0f} ms | {packed / padded:.2f} | {r['predicted_llama3_8b_flop_ratio']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -160,11 +248,30 @@ def main(argv=None) -> None:
     parser.add_argument("--pairs-per-batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=4, help="batches timed per layout")
     parser.add_argument("--max-length", type=int, default=1024)
-    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 256], help="body widths measured")
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--attn", default="sdpa", help="the body's attn_implementation (flash_attention_2 on a GPU)"
+    )
+    parser.add_argument("--out", type=Path, help="also write packing.md and packing.json (raw times) here")
     opts = parser.parse_args(argv)
-    print(section(pairs=opts.pairs, pairs_per_batch=opts.pairs_per_batch, batches=opts.batches,
-                  max_length=opts.max_length, hidden=opts.hidden, layers=opts.layers))  # fmt: skip
+    shape = {"pairs_per_batch": opts.pairs_per_batch, "batches": opts.batches, "max_length": opts.max_length}
+    records = measure(pairs=opts.pairs, hiddens=tuple(opts.hidden), layers=opts.layers, repeats=opts.repeats,
+                      device=opts.device, attn=opts.attn, **shape)  # fmt: skip
+    text = section(records, attn=opts.attn, **shape)
+    print(text)
+    if opts.out is not None:
+        opts.out.mkdir(parents=True, exist_ok=True)
+        meta = {
+            **environment.describe("cpu"),
+            "command": " ".join(["python -m benchmarks.packing", *sys.argv[1:]]),
+        }
+        (opts.out / "packing.md").write_text(text + "\n")
+        with open(opts.out / "packing.json", "w") as f:
+            json.dump({"meta": meta, "options": vars(opts) | {"out": str(opts.out)}, "records": records}, f,
+                      indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":

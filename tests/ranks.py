@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from processes import kill_group
 
 WORLD = 2
-LAUNCH_TIMEOUT_S = 180
+LAUNCH_TIMEOUT_S = 300  # a 2-rank test takes ~10 s on a quiet 2-core machine: room for a loaded one
 
 
 def _entry(rank: int, world: int, init_file: str, out_dir: str, fn, args: tuple) -> None:

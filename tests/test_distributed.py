@@ -526,7 +526,7 @@ def test_vocab_parallel_mistakes_on_one_rank_stop_every_rank():
     """A bad option, an empty shard or a bad dtype on one rank, or targets / options that differ between ranks:
     a ValueError on every rank before the op's collectives (none left waiting for the others), naming the
     argument; the failing rank raises its own message and the others quote it."""
-    ranks = run_ranks(_vp_faults_worker, timeout=120)
+    ranks = run_ranks(_vp_faults_worker)
     expected = {
         "bad-option": "temperature must be finite and > 0",
         "empty-shard": r"weight has an empty vocabulary",

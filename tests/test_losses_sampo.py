@@ -102,6 +102,23 @@ def test_sample_reproducible_and_fresh_each_call():
     assert len({tuple(d[0].flatten().tolist() + d[1].flatten().tolist()) for d in draws}) == 5
 
 
+def test_sample_depends_on_the_rows_tokens_not_their_layout():
+    """The same rows padded to another width, behind a longer prompt: the same tokens kept (by their index in
+    the row) and the stream advanced alike, so the next draw agrees too (packed and padded batches, any
+    ``pad_to_multiple_of``, draw one sample)."""
+    counts_c, counts_r = [9, 4, 6], [3, 11, 6]
+    tight = _masks(counts_c, counts_r, 13)
+    wide = _masks(counts_c, counts_r, 40, offset=17)
+    gen_tight, gen_wide = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(3):
+        a = PF.sampo_sample_masks(*tight, generator=gen_tight)
+        b = PF.sampo_sample_masks(*wide, generator=gen_wide)
+        for kept_a, mask_a, kept_b, mask_b in zip(a, tight, b, wide):
+            for row in range(len(counts_c)):
+                assert torch.equal(kept_a[row][mask_a[row]], kept_b[row][mask_b[row]])
+        assert not torch.equal(a[0][0][tight[0][0]], torch.ones(9, dtype=torch.bool))  # a real down-sample
+
+
 # ----------------------------------------------------------------------------------------- the module
 def batch(seed: int):
     gen = torch.Generator().manual_seed(seed)

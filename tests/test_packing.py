@@ -3,6 +3,8 @@ packed layout's own arithmetic, and the error messages of malformed packed input
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import processes
@@ -280,11 +282,13 @@ CASES = [
 @pytest.mark.parametrize(("method", "family"), CASES)
 def test_packed_batch_equals_padded_through_the_model(tmp_path, method, family):
     """The whole step on a model: packed (position ids, no attention mask) equals padded -- loss, metrics and
-    every parameter's gradient, float32."""
+    every parameter's gradient, float32. The padded batch is padded to a multiple of 64 columns, wider than its
+    longest row (SamPO's sample must not depend on the padded width)."""
     trainer = _trainer(tmp_path, method, family)
     features = [trainer.train_dataset[i] for i in range(4)]
-    padded = trainer.data_collator(features)
-    packed = pack_batch(padded)
+    packed = pack_batch(trainer.data_collator(features))
+    padded = dataclasses.replace(trainer.data_collator, pad_to_multiple_of=64)(features)
+    assert padded["input_ids"].shape[1] == 64 and padded["attention_mask"][:, -1].sum() == 0
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
     sampo = hasattr(trainer.loss_module, "generator_state")
     out_pad, grads_pad = _loss_and_grads(trainer, padded)
@@ -410,8 +414,27 @@ def test_benchmark_padding_fraction_and_lengths():
 
 
 @pytest.mark.slow  # tokenises the bundled data and times tiny steps
-def test_benchmark_section_runs():
-    from benchmarks.packing import section
+def test_benchmark_section_runs(tmp_path):
+    from benchmarks.packing import main
 
-    text = section(pairs=8, pairs_per_batch=2, batches=1, max_length=64, hidden=16, layers=1, repeats=1)
-    assert "| bundled data |" in text and "| UltraFeedback-like (generated) |" in text
+    main(["--pairs", "8", "--pairs-per-batch", "2", "--batches", "1", "--max-length", "64", "--hidden", "16",
+          "--layers", "1", "--repeats", "2", "--out", str(tmp_path)])  # fmt: skip
+    text = (tmp_path / "packing.md").read_text()
+    assert "| bundled data | 16 |" in text and "| UltraFeedback-like (generated) | 16 |" in text
+    records = json.loads((tmp_path / "packing.json").read_text())["records"]
+    assert [len(r["seconds"]["padded"]) for r in records] == [2, 2]
+    ratios = [r["predicted_llama3_8b_flop_ratio"] for r in records]
+    assert 0 < ratios[0] < 1 and 0 < ratios[1] <= 1  # the bundled rows carry padding
+
+
+def test_predicted_flop_ratio():
+    """The FLOP model: a batch without padding costs the same packed; one row of 2 slots padded to 4 costs the
+    padded slots' projections and the square of the padded row's attention."""
+    from benchmarks.packing import body_flops, predicted_ratio
+
+    shapes = {"hidden": 2, "layers": 1, "intermediate": 3, "kv_dim": 1}
+    linear = 2 * (2 * 4 + 2 * 2 + 3 * 6)  # per token: 2·(2d² + 2·d·kv + 3·d·f) with d=2, kv=1, f=3
+    assert body_flops([2], None, **shapes) == linear * 2 + 2 * 4 * 2
+    assert body_flops([2], 4, **shapes) == linear * 4 + 2 * 16 * 2
+    assert predicted_ratio([(3, 5, 5)] * 4, 4) == pytest.approx(1.0)
+    assert predicted_ratio([(3, 5, 1)], 1) < 1.0

@@ -148,7 +148,7 @@ def _fsdp_rank(rank: int, world: int) -> dict:
 def test_fsdp2_two_ranks_match_unsharded():
     """One DPO step under FSDP2 on 2 gloo ranks = the whole batch unsharded (untied head sharded alone; tied)."""
     pytest.importorskip("torch.distributed.fsdp")
-    ranks = run_ranks(_fsdp_rank, timeout=120)
+    ranks = run_ranks(_fsdp_rank)
     for tied in (False, True):
         loss = torch.stack([r[tied][0] for r in ranks]).mean()  # FSDP averages gradients over ranks
         for r in ranks[1:]:  # FSDP's reduce-scatter leaves every rank the same (averaged) gradient
@@ -179,7 +179,7 @@ def test_fsdp2_norm_and_head_group():
     time (it fired before the norm's backward, which then wrote into resharded storage: a crash) nor leave the
     group's forward open."""
     pytest.importorskip("torch.distributed.fsdp")
-    ranks = run_ranks(_fsdp_tail_group_rank, timeout=180)
+    ranks = run_ranks(_fsdp_tail_group_rank)
     _check(torch.stack([r[False][0] for r in ranks]).mean(), ranks[0][False][1], False)
 
 
@@ -335,6 +335,6 @@ def _zero3_rank(rank: int, world: int) -> dict:
 def test_deepspeed_zero3_two_ranks_match_unsharded():
     """Real DeepSpeed ZeRO-3 (CPU accelerator, gloo) when installed: the same step as unsharded."""
     pytest.importorskip("deepspeed")
-    ranks = run_ranks(_zero3_rank, timeout=180)
+    ranks = run_ranks(_zero3_rank)
     for tied in (False, True):
         _check(torch.stack([r[tied][0] for r in ranks]).mean(), ranks[0][tied][1], tied)

@@ -48,10 +48,25 @@ def rank_seed(seed: int, rank: int) -> int:
     return _splitmix64(_splitmix64(int(seed) & _MASK64) ^ int(rank)) & ((1 << 63) - 1)
 
 
-def _random_keys(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> Tensor:
+def _token_keys(mask: Tensor, generator: torch.Generator | None) -> Tensor:
+    """A uniform key in ``[0, 1)`` for every ``True`` position of ``mask`` ``(B, L)`` (undefined elsewhere).
+
+    The ``j``-th token of row ``b`` gets entry ``[b, j]`` of one ``(B, n)`` draw, ``n`` the largest token count
+    of a row: the keys, and how far the stream advances, depend on the rows' tokens only -- not on where they
+    sit, so a batch padded to any width and the same rows packed draw the same sample. (One host sync for ``n``.)
+    """
+    width = int(mask.sum(-1).max()) if mask.numel() else 0
+    if width == 0:
+        return torch.zeros(mask.shape, device=mask.device)
+    shape = (mask.shape[0], width)
     if generator is None:
-        return torch.rand(shape, device=device)
-    return torch.rand(shape, device=generator.device, generator=generator).to(device, non_blocking=True)
+        keys = torch.rand(shape, device=mask.device)
+    else:
+        keys = torch.rand(shape, device=generator.device, generator=generator).to(
+            mask.device, non_blocking=True
+        )
+    index = (mask.long().cumsum(-1) - 1).clamp(min=0, max=width - 1)  # the token's index within its row
+    return keys.gather(-1, index)
 
 
 def _keep_smallest_keys(mask: Tensor, keep: Tensor, keys: Tensor) -> Tensor:
@@ -71,7 +86,9 @@ def sampo_sample_masks(
     with more tokens keeps a uniform ``k``-subset, ``k = min(n_c, n_r)``; the other keeps all of its tokens.
     Vectorised: every token draws a uniform key and the ``k`` smallest keys of the row are kept, which is a
     uniform ``k``-subset. Keys come from ``generator`` (any device; moved to the masks' device) or the global
-    RNG; the chosen side draws first.
+    RNG, the chosen side first; a row's ``j``-th token always takes the ``j``-th key of its row
+    (``_token_keys``), so the sample depends on the rows' tokens and the stream, never on the padded width or a
+    packed layout.
     """
     for name, m in (("chosen_mask", chosen_mask), ("rejected_mask", rejected_mask)):
         if not isinstance(m, Tensor) or m.dtype != torch.bool or m.dim() != 2:
@@ -81,8 +98,8 @@ def sampo_sample_masks(
             f"chosen_mask has {chosen_mask.shape[0]} rows but rejected_mask has {rejected_mask.shape[0]}"
         )
     keep = torch.minimum(chosen_mask.sum(-1), rejected_mask.sum(-1))
-    chosen_keys = _random_keys(chosen_mask.shape, chosen_mask.device, generator)
-    rejected_keys = _random_keys(rejected_mask.shape, rejected_mask.device, generator)
+    chosen_keys = _token_keys(chosen_mask, generator)
+    rejected_keys = _token_keys(rejected_mask, generator)
     return (
         _keep_smallest_keys(chosen_mask, keep, chosen_keys),
         _keep_smallest_keys(rejected_mask, keep, rejected_keys),

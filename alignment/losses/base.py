@@ -331,22 +331,14 @@ class FusedLinearLoss(nn.Module):
 class PairedLoss(FusedLinearLoss):
     """Base of the paired losses: ``2B`` rows, chosen ``[:B]`` then rejected ``[B:]``."""
 
-    def _paired_logps(
-        self,
-        hidden,
-        weight,
-        labels,
-        bias,
-        shift,
-        *,
-        ref_hidden=None,
-        ref_weight=None,
-        ref_bias=None,
-        ref_logps=None,
-        reference: bool = True,
-    ):
-        """``(policy, ref, mask)``: per-token policy log-probs ``(2B, L)``, reference sums ``(2B,)`` (None
-        when reference-free) and the completion mask ``(2B, L)`` -- the arguments of ``loss_from_token_logps``."""
+    def _paired_loss(
+        self, hidden, weight, labels, bias, shift, *, ref_hidden=None, ref_weight=None, ref_bias=None,
+        ref_logps=None, reference: bool = True, **batch,
+    ) -> LossOutput:  # fmt: skip
+        """A paired loss's forward: per-token policy log-probs ``(2B, L)``, reference sums ``(2B,)`` (none when
+        ``reference`` is False) and the completion mask ``(2B, L)`` into ``loss_from_token_logps(policy, ref,
+        mask, **batch)`` -- on the op path, or per pair on the loss-fused path. ``batch``: the loss's per-pair
+        inputs (GPO's scores, SPPO's win rates)."""
         self._check_rows(hidden, labels, paired=True)
         if not isinstance(shift, bool):
             raise ValueError(f"shift must be a bool, got {shift!r}")
@@ -355,16 +347,14 @@ class PairedLoss(FusedLinearLoss):
         ref = None
         if reference:
             ref = self._reference(
-                hidden=ref_hidden,
-                weight=ref_weight,
-                bias=ref_bias,
-                logps=ref_logps,
-                targets=labels,
-                mask=mask,
-                shift=shift,
-                per_token=False,
-            )
-        return policy, ref, mask
+                hidden=ref_hidden, weight=ref_weight, bias=ref_bias, logps=ref_logps, targets=labels, mask=mask,
+                shift=shift, per_token=False,
+            )  # fmt: skip
+        return self._policy_loss(
+            policy, hidden, weight, labels, bias, shift,
+            lambda tok: self.loss_from_token_logps(tok, ref, mask, **batch),
+            make_groups=lambda: pair_groups(mask.shape[0], mask.device),
+        )  # fmt: skip
 
     @staticmethod
     def _pair_sums(policy_logps, ref_logps, mask, *, reference: bool = True):
@@ -403,11 +393,7 @@ class ReferenceFreePairedLoss(PairedLoss):
         self._reject_reference(
             ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps
         )
-        policy, _, mask = self._paired_logps(hidden, weight, labels, bias, shift, reference=False)
-        return self._policy_loss(
-            policy, hidden, weight, labels, bias, shift, lambda tok: self.loss_from_token_logps(tok, None, mask),
-            make_groups=lambda: pair_groups(mask.shape[0], mask.device),
-        )  # fmt: skip
+        return self._paired_loss(hidden, weight, labels, bias, shift, reference=False)
 
     def loss_from_token_logps(self, policy_logps: Tensor, ref_logps: None, mask: Tensor) -> LossOutput:
         """The loss from the policy's per-token log-probs ``(2B, L)`` (or sums ``(2B,)``) and the completion

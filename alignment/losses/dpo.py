@@ -7,7 +7,6 @@ import torch.distributed as dist
 from prefuse.alignment.functional._common import batch_mean
 from prefuse.alignment.functional.dpo import check_dpo_options, dpo_loss
 from prefuse.alignment.losses.base import PairedLoss
-from prefuse.alignment.losses.fused import pair_groups
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
 
@@ -90,7 +89,7 @@ class DPOLoss(PairedLoss):
         """Args: ``hidden`` ``(2B, T, D)``, ``weight`` ``(V, D)``, ``labels`` ``(2B, T)`` (-100 off the
         completion), ``bias`` ``(V,)``; the reference as ``ref_hidden`` + ``ref_weight`` (+ ``ref_bias``) or
         ``ref_logps`` (sums ``(2B,)`` or per-token ``(2B, T-1)``)."""
-        policy, ref, mask = self._paired_logps(
+        return self._paired_loss(
             hidden,
             weight,
             labels,
@@ -101,10 +100,6 @@ class DPOLoss(PairedLoss):
             ref_bias=ref_bias,
             ref_logps=ref_logps,
         )
-        return self._policy_loss(
-            policy, hidden, weight, labels, bias, shift, lambda tok: self.loss_from_token_logps(tok, ref, mask),
-            make_groups=lambda: pair_groups(mask.shape[0], mask.device),
-        )  # fmt: skip
 
     def fused_unsupported(self) -> str | None:
         if self.loss_type == "bco_pair":

@@ -5,7 +5,6 @@ from __future__ import annotations
 from prefuse.alignment.functional._common import check_real
 from prefuse.alignment.functional.gpo import gpo_clamp_bounds, gpo_loss
 from prefuse.alignment.losses.base import PairedLoss
-from prefuse.alignment.losses.fused import pair_groups
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
 
@@ -45,7 +44,7 @@ class GPOLoss(PairedLoss):
         shift: bool = True,
     ) -> LossOutput:
         """``DPOLoss.forward``'s arguments plus ``s_chosen``, ``s_rejected``: ``(B,)`` preference scores."""
-        policy, ref, mask = self._paired_logps(
+        return self._paired_loss(
             hidden,
             weight,
             labels,
@@ -55,12 +54,9 @@ class GPOLoss(PairedLoss):
             ref_weight=ref_weight,
             ref_bias=ref_bias,
             ref_logps=ref_logps,
+            s_chosen=s_chosen,
+            s_rejected=s_rejected,
         )
-        return self._policy_loss(
-            policy, hidden, weight, labels, bias, shift,
-            lambda tok: self.loss_from_token_logps(tok, ref, mask, s_chosen=s_chosen, s_rejected=s_rejected),
-            make_groups=lambda: pair_groups(mask.shape[0], mask.device),
-        )  # fmt: skip
 
     def loss_from_token_logps(
         self, policy_logps: Tensor, ref_logps: Tensor, mask: Tensor, *, s_chosen: Tensor, s_rejected: Tensor

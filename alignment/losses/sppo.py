@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from prefuse.alignment.functional.sppo import sppo_loss
-from prefuse.alignment.losses.fused import pair_groups
 from prefuse.alignment.losses.gpo import GPOLoss
 from prefuse.alignment.output import LossOutput
 from torch import Tensor
@@ -41,7 +40,7 @@ class SPPOLoss(GPOLoss):
     ) -> LossOutput:
         """``DPOLoss.forward``'s arguments plus ``p_chosen``, ``p_rejected``: ``(B,)`` estimated win rates
         of the chosen / rejected completions against the current policy, in ``[0, 1]``."""
-        policy, ref, mask = self._paired_logps(
+        return self._paired_loss(
             hidden,
             weight,
             labels,
@@ -51,12 +50,9 @@ class SPPOLoss(GPOLoss):
             ref_weight=ref_weight,
             ref_bias=ref_bias,
             ref_logps=ref_logps,
+            p_chosen=p_chosen,
+            p_rejected=p_rejected,
         )
-        return self._policy_loss(
-            policy, hidden, weight, labels, bias, shift,
-            lambda tok: self.loss_from_token_logps(tok, ref, mask, p_chosen=p_chosen, p_rejected=p_rejected),
-            make_groups=lambda: pair_groups(mask.shape[0], mask.device),
-        )  # fmt: skip
 
     def loss_from_token_logps(  # type: ignore[override]
         self, policy_logps: Tensor, ref_logps: Tensor, mask: Tensor, *, p_chosen: Tensor, p_rejected: Tensor
