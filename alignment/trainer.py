@@ -38,12 +38,14 @@ from prefuse.alignment.data.packing import PackedCollator, TokenBudgetBatchSampl
 from prefuse.alignment.methods import METHODS, get_method
 from prefuse.alignment.model_head import adapter_disabled, forward_hidden, head_options, is_peft_model
 from prefuse.alignment.output import LossOutput
+from prefuse.alignment.packed_attention import use_varlen_attention
 from prefuse.alignment.packing import packed_targets
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 
 HEADS = ("fused", "naive")
+PACKED_ATTENTION = ("varlen", "model")
 LIGER_BODY_KERNELS = {
     "rms_norm": True,
     "rope": True,
@@ -108,6 +110,13 @@ class PreferenceConfig(TrainingArguments):
         default=None,
         metadata={"help": "padding_free: training batches of at most this many tokens, not rows"},
     )
+    packed_attention: str = field(
+        default="varlen",
+        metadata={
+            "help": "padding_free: varlen (sdpa / eager models attend per sequence: packed_attention.py) | "
+            "model (the model's own attention over the packed row's block-causal mask)"
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -118,6 +127,10 @@ class PreferenceConfig(TrainingArguments):
             raise ValueError("max_tokens_per_batch sizes packed batches: it needs padding_free=True")
         if self.padding_free and self.head != "fused":
             raise ValueError("padding_free=True needs head='fused' (the naive head scores padded rows only)")
+        if self.packed_attention not in PACKED_ATTENTION:
+            raise ValueError(
+                f"packed_attention must be one of {PACKED_ATTENTION}, got {self.packed_attention!r}"
+            )
         if self.precompute_ref_log_probs and spec.reference is None:
             raise ValueError(f"precompute_ref_log_probs=True, but method {self.method!r} uses no reference")
         for name, value in spec.defaults.items():
@@ -489,6 +502,10 @@ class PreferenceTrainer(Trainer):
             self.ref_model = freeze(ref_model).to(self.args.device)
         if args.padding_free:  # after precomputing, which runs the collator's padded rows
             self.data_collator = PackedCollator(self.data_collator)
+            if args.packed_attention == "varlen":
+                for m in (self.model, self.ref_model):
+                    if m is not None:
+                        use_varlen_attention(m)
 
     # ------------------------------------------------------------------------------------------ data
     def get_train_dataloader(self):

@@ -13,6 +13,7 @@ import torch
 import transformers
 from prefuse.alignment.data.packing import TokenBudgetBatchSampler, pack_batch
 from prefuse.alignment.methods import METHODS, get_method
+from prefuse.alignment.packed_attention import use_varlen_attention
 from prefuse.alignment.packing import PackedLayout, packed_targets, unpack_token_logps
 from prefuse.kernels import linear_logprobs
 from reference import IGNORE, make_sentences
@@ -273,17 +274,20 @@ def _loss_and_grads(trainer, batch):
 
 
 CASES = [
-    pytest.param(method, family, marks=() if family == "llama" or method == "dpo" else pytest.mark.slow)
+    pytest.param(
+        method, family, "varlen", marks=() if family == "llama" or method == "dpo" else pytest.mark.slow
+    )
     for method in METHODS
     for family in FAMILIES
-]
+] + [pytest.param(method, "llama", "model", marks=pytest.mark.slow) for method in METHODS]
 
 
-@pytest.mark.parametrize(("method", "family"), CASES)
-def test_packed_batch_equals_padded_through_the_model(tmp_path, method, family):
+@pytest.mark.parametrize(("method", "family", "attention"), CASES)
+def test_packed_batch_equals_padded_through_the_model(tmp_path, method, family, attention):
     """The whole step on a model: packed (position ids, no attention mask) equals padded -- loss, metrics and
-    every parameter's gradient, float32. The padded batch is padded to a multiple of 64 columns, wider than its
-    longest row (SamPO's sample must not depend on the padded width)."""
+    every parameter's gradient, float32. The packed row attends per sequence (``varlen``, what padding_free=True
+    uses) or through the model's own block-causal mask (``model``). The padded batch is padded to a multiple of
+    64 columns, wider than its longest row (SamPO's sample must not depend on the padded width)."""
     trainer = _trainer(tmp_path, method, family)
     features = [trainer.train_dataset[i] for i in range(4)]
     packed = pack_batch(trainer.data_collator(features))
@@ -294,6 +298,10 @@ def test_packed_batch_equals_padded_through_the_model(tmp_path, method, family):
     out_pad, grads_pad = _loss_and_grads(trainer, padded)
     if sampo:  # the packed batch draws from the same point of the stream
         trainer.loss_module._generator = None
+    if attention == "varlen":  # what padding_free=True switches to: each sequence attends alone
+        for m in (trainer.model, trainer.ref_model):
+            if m is not None:
+                use_varlen_attention(m)
     out_pack, grads_pack = _loss_and_grads(trainer, packed)
     torch.testing.assert_close(out_pack.loss, out_pad.loss, rtol=2e-5, atol=2e-6)
     for key, value in out_pad.metrics.items():
@@ -315,6 +323,21 @@ def test_padding_free_trainer_trains(tmp_path, method):
     assert batch["input_ids"].shape[0] == 1 and "sequence_ids" in batch
     result = trainer.train()
     assert math.isfinite(result.training_loss)
+
+
+@pytest.mark.parametrize(("option", "expected"), [("varlen", "prefuse_varlen_sdpa"), ("model", "sdpa")])
+def test_padding_free_switches_the_attention(tmp_path, option, expected):
+    """padding_free=True runs the policy and the reference per sequence unless packed_attention='model'."""
+    trainer = _trainer(tmp_path, "dpo", "llama", padding_free=True, packed_attention=option)
+    assert trainer.model.config._attn_implementation == expected
+    assert trainer.ref_model.config._attn_implementation == expected
+
+
+def test_packed_attention_is_checked(tmp_path):
+    from prefuse.alignment.trainer import PreferenceConfig
+
+    with pytest.raises(ValueError, match="packed_attention must be one of"):
+        PreferenceConfig(output_dir=str(tmp_path), packed_attention="flash", use_cpu=True, report_to=[])
 
 
 def test_padding_free_needs_the_fused_head(tmp_path):
@@ -422,7 +445,8 @@ def test_benchmark_section_runs(tmp_path):
     text = (tmp_path / "packing.md").read_text()
     assert "| bundled data | 16 |" in text and "| UltraFeedback-like (generated) | 16 |" in text
     records = json.loads((tmp_path / "packing.json").read_text())["records"]
-    assert [len(r["seconds"]["padded"]) for r in records] == [2, 2]
+    assert [sorted(r["seconds"]) for r in records] == [["packed", "packed_varlen", "padded"]] * 2
+    assert all(len(times) == 2 for r in records for times in r["seconds"].values())
     ratios = [r["predicted_llama3_8b_flop_ratio"] for r in records]
     assert 0 < ratios[0] < 1 and 0 < ratios[1] <= 1  # the bundled rows carry padding
 

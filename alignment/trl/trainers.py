@@ -64,6 +64,7 @@ from prefuse.alignment.model_head import (
     is_peft_model,
     unwrap_causal_lm,
 )
+from prefuse.alignment.packed_attention import use_varlen_attention
 from prefuse.alignment.packing import PackedLayout, packed_targets
 from prefuse.kernels import linear_logprobs
 
@@ -126,7 +127,9 @@ def _padding_free_kept_from_trl(args):
 def _packing(trainer, padding_free: bool) -> bool:
     """``padding_free``, refused (``ValueError``) for a prompt-learning PEFT adapter (prompt / prefix tuning ...):
     PEFT prepends its virtual tokens once to the packed row, not to each sequence, and drops ``position_ids``
-    (prefix tuning offsets them), so the packed sequences would attend across each other."""
+    (prefix tuning offsets them), so the packed sequences would attend across each other. With packing, models on
+    sdpa / eager attention attend per sequence (``use_varlen_attention``) instead of over the packed row's
+    ``N × N`` block-causal mask."""
     if padding_free and is_peft_model(trainer.model):
         config = trainer.accelerator.unwrap_model(trainer.model).active_peft_config
         if config.is_prompt_learning:
@@ -135,6 +138,10 @@ def _packing(trainer, padding_free: bool) -> bool:
                 "PEFT adds its virtual tokens once to the packed row, not to each sequence, and ignores the "
                 "position_ids that keep the packed sequences apart. Set padding_free=False"
             )
+    if padding_free:
+        for model in (trainer.model, trainer.ref_model):
+            if model is not None:
+                use_varlen_attention(model)
     return padding_free
 
 
