@@ -6,15 +6,20 @@ shaped like UltraFeedback's (prompt and completion lengths log-normal with long 
 independently; nothing downloaded). Beside the measured times, a prediction labelled as such: the packed / padded
 forward FLOPs of a Llama-3-8B body on the same batches with variable-length attention.
 
+The packed rows run twice: through the model's own attention (sdpa / eager attend over the packed row's whole
+``N × N`` block-causal mask) and per sequence (``prefuse.alignment.packed_attention``, what ``padding_free=True``
+runs).
+
 ``python -m benchmarks.packing`` prints a markdown section; ``--out DIR`` also writes it to ``DIR/packing.md``
-with the raw times and the environment in ``DIR/packing.json``. ``--device cuda --attn flash_attention_2``
-measures a GPU with the variable-length kernel (sdpa and eager attend over the packed row's whole ``N × N``
-block-causal mask); ``--pairs``, ``--batches`` and ``--hidden`` keep it short on a CPU.
+with the raw times and the environment in ``DIR/packing.json``. ``--device cuda`` measures a GPU (``--attn
+flash_attention_2``: flash-attention's variable-length kernel for both packed runs); ``--pairs``, ``--batches``
+and ``--hidden`` keep it short on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -125,13 +130,16 @@ def step_times(
     device: str = "cpu",
     attn: str = "sdpa",
 ) -> dict[str, list[float]]:
-    """Seconds of ``batches`` DPO steps (forward+backward; one sum per repeat) on the pairs, padded and packed.
+    """Seconds of ``batches`` DPO steps (forward+backward; one sum per repeat) on the pairs: ``padded``, ``packed``
+    (the model's own attention over each packed row's block-causal mask) and ``packed_varlen`` (each sequence
+    attending alone: ``use_varlen_attention``, what ``padding_free=True`` runs).
 
-    The two layouts alternate within every repeat, so both see the same machine state; ``repeats`` sums each."""
+    The three alternate within every repeat, so all see the same machine state; ``repeats`` sums each."""
     from prefuse.alignment import DPOLoss
     from prefuse.alignment.data.collators import PairedCollator
     from prefuse.alignment.data.packing import pack_batch
     from prefuse.alignment.model_head import forward_hidden
+    from prefuse.alignment.packed_attention import use_varlen_attention
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -152,38 +160,44 @@ def step_times(
     for i in range(batches):
         features = _features(lengths[i * pairs_per_batch : (i + 1) * pairs_per_batch], vocab, gen)
         padded.append({**collate(features), "rows": 2 * len(features)})
-    layouts = {
-        name: [
-            {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches_
-        ]
-        for name, batches_ in (("padded", padded), ("packed", [pack_batch(b) for b in padded]))
+    on_device = [
+        [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in layout]
+        for layout in (padded, [pack_batch(b) for b in padded])
+    ]
+    varlen = copy.deepcopy(model)
+    use_varlen_attention(varlen)  # a no-op for flash / flex attention: variable-length already
+    runs = {  # layout name: (model, batches)
+        "padded": (model, on_device[0]),
+        "packed": (model, on_device[1]),
+        "packed_varlen": (varlen, on_device[1]),
     }
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    def step(batch: dict) -> float:
-        model.zero_grad(set_to_none=True)
-        ref = torch.zeros(
-            batch["rows"], device=device
-        )  # reference sums: the reference forward is not compared
+    def step(body, batch: dict) -> float:
+        body.zero_grad(set_to_none=True)
+        ref = torch.zeros(batch["rows"], device=device)  # reference sums: its forward is not compared
         sync()
         start = time.perf_counter()
         if "sequence_ids" in batch:
-            head = forward_hidden(model, batch["input_ids"], None, position_ids=batch["position_ids"])
+            head = forward_hidden(body, batch["input_ids"], None, position_ids=batch["position_ids"])
             out = head.apply(loss, batch["labels"], ref_logps=ref, sequence_ids=batch["sequence_ids"])
         else:
-            head = forward_hidden(model, batch["input_ids"], batch["attention_mask"])
+            head = forward_hidden(body, batch["input_ids"], batch["attention_mask"])
             out = head.apply(loss, batch["labels"], ref_logps=ref)
         out.loss.backward()
         sync()
         return time.perf_counter() - start
 
-    for layout in layouts.values():  # warm-up: every batch's shapes once (oneDNN builds kernels per shape)
-        for batch in layout:
-            step(batch)
-    times: dict[str, list[float]] = {name: [] for name in layouts}
+    for (
+        body,
+        batches_,
+    ) in runs.values():  # warm-up: every batch's shapes once (oneDNN builds kernels per shape)
+        for batch in batches_:
+            step(body, batch)
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        for name, layout in layouts.items():
-            times[name].append(sum(step(b) for b in layout))
+        for name, (body, batches_) in runs.items():
+            times[name].append(sum(step(body, b) for b in batches_))
     return times
 
 
@@ -219,23 +233,29 @@ def measure(
 def section(
     records: list[dict], *, pairs_per_batch: int, batches: int, max_length: int, attn: str = "sdpa"
 ) -> str:
-    """The markdown section of ``measure``'s records: padding share, measured packed / padded step time (medians
-    of the interleaved repeats) and the predicted FLOP ratio of a Llama-3-8B body."""
+    """The markdown section of ``measure``'s records: padding share, measured step times (medians of the
+    interleaved repeats) and packed / padded ratios, and the predicted FLOP ratio of a Llama-3-8B body."""
     lines = [
         "## Padding-free batches", "",
         f"A DPO step (tiny Llama body of the given width, {attn} attention, prefuse head and loss, forward+backward), "
         f"{pairs_per_batch} pairs per batch, rows cut to {max_length} tokens; time: the median over repeats of the "
-        f"sum over {batches} batches, padded and packed alternating. The last column is a prediction: packed / "
-        "padded forward FLOPs of a Llama-3-8B body, the packed row under variable-length (flash) attention.", "",
-        "| lengths | body width | padding in padded batches | step padded | step packed | packed / padded "
-        "| Llama-3-8B FLOPs packed / padded (predicted) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"sum over {batches} batches, the three layouts alternating. *packed, block-causal*: the model's own "
+        "attention over the packed row's `N × N` mask; *packed, varlen*: each sequence attends alone "
+        "(`use_varlen_attention`, what `padding_free=True` runs). The last column is a prediction, not a "
+        "measurement: packed / padded forward FLOPs of a Llama-3-8B body, the packed row under variable-length "
+        "attention.", "",
+        "| lengths | body width | padding in padded batches | padded | packed, block-causal | packed, varlen "
+        "| varlen / padded | block-causal / padded | Llama-3-8B FLOPs packed / padded (predicted) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for r in records:
-        padded, packed = (statistics.median(r["seconds"][k]) for k in ("padded", "packed"))
+        padded, packed, varlen = (
+            statistics.median(r["seconds"][k]) for k in ("padded", "packed", "packed_varlen")
+        )
         lines.append(
             f"| {r['lengths']} | {r['hidden']} | {r['padding_fraction']:.1%} | {padded * 1e3:.0f} ms "
-            f"| {packed * 1e3:.0f} ms | {packed / padded:.2f} | {r['predicted_llama3_8b_flop_ratio']:.2f} |"
+            f"| {packed * 1e3:.0f} ms | {varlen * 1e3:.0f} ms | {varlen / padded:.2f} | {packed / padded:.2f} "
+            f"| {r['predicted_llama3_8b_flop_ratio']:.2f} |"
         )
     return "\n".join(lines)
 
