@@ -19,6 +19,7 @@ from prefuse.alignment.losses import (
     SPPOLoss,
 )
 from prefuse.alignment.output import LossOutput
+from prefuse.alignment.packed_attention import use_varlen_attention
 from prefuse.alignment.packing import packed_targets, unpack_token_logps
 
 # Trainer integration pulls in transformers (and TRL for the drop-ins): imported on first use, so the losses stay light.
@@ -62,4 +63,5 @@ __all__ = [
     "functional",
     "packed_targets",
     "unpack_token_logps",
+    "use_varlen_attention",
 ]
