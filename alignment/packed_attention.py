@@ -17,6 +17,7 @@ so the outputs equal the block-causal computation's to rounding.
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -33,12 +34,32 @@ def varlen_name(base: str) -> str:
 
 def sequence_bounds(position_ids: Tensor | None, length: int) -> list[tuple[int, int]]:
     """``[(start, end), ...]`` of the sequences of one packed row: a sequence starts at index 0 and wherever
-    ``position_ids[0]`` is 0 (one host sync). Without ``position_ids`` the row is one sequence."""
+    ``position_ids[0]`` is 0. Without ``position_ids`` the row is one sequence.
+
+    Finding the starts reads the device once (a host sync); every layer of a forward gets the same
+    ``position_ids`` tensor, so the bounds of the last one asked for are kept (``_last_bounds``) and the other
+    layers, and a recomputation under gradient checkpointing, reuse them."""
     if position_ids is None:
         return [(0, length)]
+    key = (
+        position_ids.data_ptr(),
+        position_ids._version,
+        tuple(position_ids.shape),
+        position_ids.device,
+        length,
+    )
+    if _last_bounds.get("key") == key and _last_bounds["tensor"]() is position_ids:
+        return _last_bounds["bounds"]
     starts = (position_ids[0] == 0).nonzero().flatten().tolist()
     starts = sorted({0, *starts})
-    return list(zip(starts, starts[1:] + [length], strict=True))
+    bounds = list(zip(starts, starts[1:] + [length], strict=True))
+    _last_bounds.update(key=key, tensor=weakref.ref(position_ids), bounds=bounds)
+    return bounds
+
+
+_last_bounds: dict = {}
+"""``sequence_bounds``' last answer: its ``position_ids`` (a weak reference, with pointer, version, shape and
+device: a tensor changed in place or freed is not taken for the same one) and the bounds."""
 
 
 def _base_attention(module, base: str) -> Callable:

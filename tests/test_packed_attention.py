@@ -132,6 +132,28 @@ def test_sequence_bounds():
     assert sequence_bounds(None, 5) == [(0, 5)]
 
 
+def test_bounds_are_read_once_per_forward(monkeypatch):
+    """Every layer gets the same position ids: the host sync that finds the sequences runs once per forward, and
+    again for new (or changed) position ids."""
+    from prefuse.alignment import packed_attention
+
+    reads = []
+    nonzero = torch.Tensor.nonzero
+    monkeypatch.setattr(
+        torch.Tensor, "nonzero", lambda self, *a, **k: reads.append(1) or nonzero(self, *a, **k)
+    )
+    model = _model("llama")
+    use_varlen_attention(model)
+    ids, positions = _packed(_sequences())
+    with torch.no_grad():
+        first = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        assert len(reads) == 1
+        positions[0, 13:19] = torch.arange(6)  # in place: the 9-token sequence (tokens 10-18) cut in two
+        second = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+    assert len(reads) == 2 and not torch.equal(first, second)
+    assert packed_attention.sequence_bounds(positions, positions.shape[1])[2:4] == [(10, 13), (13, 19)]
+
+
 def test_other_implementations_are_left_alone():
     model = t.LlamaForCausalLM._from_config(t.LlamaConfig(**COMMON), attn_implementation="flex_attention")
     assert use_varlen_attention(model) == "flex_attention"
