@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # prefuse on a CUDA machine in one command: the sm_90 compile gate, the GPU tests, the measured ceilings
-# (bf16 matmul rate, copy bandwidth) and the benchmark report. Each step is time-boxed and logged to OUT_DIR;
+# (bf16 matmul rate, copy bandwidth), the benchmark report and the packed / padded step times. Each step is time-boxed and logged to OUT_DIR;
 # a failing step does not stop the next; the exit code is non-zero if any step failed.
 #
 #   bash benchmarks/gpu_session.sh [OUT_DIR]       (default: $OUT, else ./gpu-out)
@@ -43,5 +43,7 @@ step pytest 180 "$PY" -m pytest -m gpu -q -p no:cacheprovider
 step ceilings 60 "$PY" -m benchmarks.floor --measure --json "$OUT_DIR/ceilings.json"
 # shellcheck disable=SC2086
 step bench 420 "$PY" -m benchmarks ${BENCH_ARGS:---device cuda}
+step packing 120 "$PY" -m benchmarks.packing --device cuda --hidden 1024 --layers 4 --repeats 3 \
+  --out "$OUT_DIR/packing"
 [ -d benchmarks/results ] && tar -czf "$OUT_DIR/results.tar.gz" -C benchmarks results
 exit "$status"

@@ -163,7 +163,9 @@ def test_gpu_session_runs_every_step_and_reports_a_failure(tmp_path):
         "-m pytest -m gpu",
         "-m benchmarks.floor --measure",
         "-m benchmarks --device cuda",
+        "-m benchmarks.packing --device cuda",
     ):
         assert command in calls
     summary = (out / "summary.txt").read_text()
     assert "aot: exit 0" in summary and "pytest: exit 1" in summary and (out / "ceilings.json").exists()
+    assert "packing: exit 0" in summary
