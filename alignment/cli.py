@@ -402,6 +402,11 @@ def run(opts, argv: list[str]) -> dict:
             f"{len(trainer.eval_dataset)} test {unit}"
         )
         print(f"  loss      : prefuse.alignment.{trainer.loss_module!r}")
+        if opts.padding_free:
+            print(
+                "  batches   : packed, one row of the batch's tokens per step, no padding; attention "
+                f"{cfg._attn_implementation} (each sequence alone)"
+            )
         reference = (
             "none (a reference-free loss)"
             if trainer.ref_source == "none"

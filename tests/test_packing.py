@@ -424,6 +424,7 @@ def test_cli_padding_free(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "step 2/2" in done.stdout and "1 test rows" in done.stdout  # one packed row
+    assert "attention prefuse_varlen_sdpa (each sequence alone)" in done.stdout
 
 
 def test_benchmark_padding_fraction_and_lengths():
