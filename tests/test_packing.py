@@ -78,11 +78,16 @@ class Layouts:
         return out
 
 
-def method_inputs(name: str, gen: torch.Generator, *, ref_form: str = "hidden"):
+def _loss(name: str, options: dict):
+    return get_method(name).loss(**({"seed": 7} if name == "sampo" else {}), **options)
+
+
+def method_inputs(name: str, gen: torch.Generator, *, ref_form: str = "hidden", options: dict | None = None):
     """``(loss, weight leaf, padded (args, kwargs, leaves), packed (args, kwargs, leaves), layouts)`` for one
-    method on random data; ``ref_form``: the reference as ``ref_hidden`` or as per-token ``ref_logps``."""
+    method on random data; ``ref_form``: the reference as ``ref_hidden`` or as per-token ``ref_logps``;
+    ``options``: the loss module's head options (``softcap``, ``temperature``, ``logit_scale``)."""
     spec = get_method(name)
-    loss = spec.loss(**({"seed": 7} if name == "sampo" else {}))
+    loss = _loss(name, options or {})
     b = 3
     rows = 2 * b if spec.paired else 4
     main = Layouts(rows, gen)
@@ -133,14 +138,14 @@ def method_inputs(name: str, gen: torch.Generator, *, ref_form: str = "hidden"):
     return loss, weight, (pad_args, pad_kw, h_pad), (pack_args, pack_kw, h_pack), main
 
 
-def assert_packed_equals_padded(name: str, ref_form: str, seed: int):
+def assert_packed_equals_padded(name: str, ref_form: str, seed: int, options: dict | None = None):
     gen = torch.Generator().manual_seed(seed)
     loss, weight, (pad_args, pad_kw, h_pad), (pack_args, pack_kw, h_pack), main = method_inputs(
-        name, gen, ref_form=ref_form
+        name, gen, ref_form=ref_form, options=options
     )
     padded = loss(*pad_args, **pad_kw)
     g_h, g_w = torch.autograd.grad(padded.loss, [h_pad, weight])
-    fresh = get_method(name).loss(**({"seed": 7} if name == "sampo" else {}))  # the same SamPO stream
+    fresh = _loss(name, options or {})  # the same SamPO stream
     packed = fresh(*pack_args, **pack_kw)
     p_h, p_w = torch.autograd.grad(packed.loss, [h_pack, weight])
     torch.testing.assert_close(packed.loss, padded.loss, rtol=1e-5, atol=1e-6)
@@ -161,6 +166,14 @@ def test_packed_loss_equals_padded(name):
 @pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.reference is not None])
 def test_packed_per_token_reference_logps_equal_padded(name):
     assert_packed_equals_padded(name, "logps", seed=17)
+
+
+@pytest.mark.parametrize("name", ["dpo", "kto", "factalign"])
+def test_packed_equals_padded_with_head_options(name):
+    """The lm-head's options (softcap, temperature, logit_scale) apply to packed rows as to padded ones."""
+    assert_packed_equals_padded(
+        name, "hidden", seed=5, options={"softcap": 3.0, "temperature": 0.7, "logit_scale": 2.5}
+    )
 
 
 def test_layout_targets_never_cross_a_sequence_boundary():

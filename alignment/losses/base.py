@@ -183,7 +183,7 @@ class FusedLinearLoss(nn.Module):
             packed = linear_logprobs(
                 hidden.hidden, weight, hidden.layout.targets(targets, shift, self.ignore_index), bias,
                 ignore_index=self.ignore_index, temperature=self.temperature, softcap=self.softcap,
-                backend=self.backend, deterministic=self.deterministic,
+                logit_scale=self.logit_scale, backend=self.backend, deterministic=self.deterministic,
             )  # fmt: skip
             return hidden.layout.token_rows(packed, shift)
         return linear_logprobs(
