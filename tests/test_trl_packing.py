@@ -36,8 +36,7 @@ def _trainer(trainer_cls, tmp_path, tokenizer, kind="llama", *, padding_free, re
         config = trl.DPOConfig(**_common(tmp_path, padding_free=padding_free, **kwargs))
     else:
         view, columns = "unpaired", ["prompt", "completion", "label"]
-        config = trl.KTOConfig(**_common(tmp_path, **kwargs))
-        config.padding_free = padding_free  # KTOConfig (TRL 1.16) has no such field: the drop-in reads it
+        config = prefuse_trl.PrefuseKTOConfig(**_common(tmp_path, padding_free=padding_free, **kwargs))
     return build(
         trainer_cls,
         model=tiny_model(tokenizer, 0, kind),

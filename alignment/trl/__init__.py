@@ -16,12 +16,18 @@ Two ways in, for two needs:
 """
 
 from prefuse.alignment.trl.patch import PrefuseChunkedLogProb, is_trl_patched, patch_trl, unpatch_trl
-from prefuse.alignment.trl.trainers import TESTED_TRL_VERSION, PrefuseDPOTrainer, PrefuseKTOTrainer
+from prefuse.alignment.trl.trainers import (
+    TESTED_TRL_VERSION,
+    PrefuseDPOTrainer,
+    PrefuseKTOConfig,
+    PrefuseKTOTrainer,
+)
 
 __all__ = [
     "TESTED_TRL_VERSION",
     "PrefuseChunkedLogProb",
     "PrefuseDPOTrainer",
+    "PrefuseKTOConfig",
     "PrefuseKTOTrainer",
     "is_trl_patched",
     "patch_trl",

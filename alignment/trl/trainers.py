@@ -19,8 +19,8 @@ Tested with TRL 1.16.0 (``pip install 'prefuse[trl]'``). The options that matter
 ``undesirable_weight``, ``precompute_ref_log_probs`` (TRL's stored sums are used), and a MoE model's router
 auxiliary loss (``router_aux_loss_coef``).
 
-``padding_free=True`` (``DPOConfig.padding_free``; ``KTOConfig`` has no such field in TRL 1.16: set
-``config.padding_free = True``) runs the model bodies without padding. TRL 1.16 switches the option off for DPO
+``padding_free=True`` (``DPOConfig.padding_free``; ``PrefuseKTOConfig.padding_free``, as TRL 1.16's ``KTOConfig``
+has no such field) runs the model bodies without padding. TRL 1.16 switches the option off for DPO
 (with a warning) and pads; the drop-ins keep it from TRL's ``__init__`` and pack each step's batch themselves:
 TRL's collator still pads (on the right), and ``_compute_loss`` packs the policy/reference rows (DPO: the 2B
 chosen and rejected rows; KTO: the main rows, and the ``KL_*`` rows into a row of their own) with
@@ -44,13 +44,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 try:
     import trl
-    from trl import DPOTrainer, KTOTrainer
+    from trl import DPOTrainer, KTOConfig, KTOTrainer
 except ImportError as err:  # pragma: no cover - exercised only without TRL
     raise ImportError("prefuse.alignment.trl needs TRL: pip install 'prefuse[trl]'") from err
 
@@ -68,7 +69,7 @@ from prefuse.alignment.packed_attention import use_varlen_attention
 from prefuse.alignment.packing import PackedLayout, packed_targets
 from prefuse.kernels import linear_logprobs
 
-__all__ = ["TESTED_TRL_VERSION", "PrefuseDPOTrainer", "PrefuseKTOTrainer"]
+__all__ = ["TESTED_TRL_VERSION", "PrefuseDPOTrainer", "PrefuseKTOConfig", "PrefuseKTOTrainer"]
 
 TESTED_TRL_VERSION = "1.16.0"
 SUPPORTED_DPO_LOSS_TYPES = tuple(sorted(set(Fn.DPO_LOSS_TYPES) | {"sft"}))
@@ -400,6 +401,18 @@ class PrefuseDPOTrainer(DPOTrainer):
         }  # fmt: skip
         for key, value in values.items():
             metrics[key].append(gather(value).mean().item())
+
+
+@dataclass
+class PrefuseKTOConfig(KTOConfig):
+    """``trl.KTOConfig`` with ``padding_free``, which TRL 1.16's has not: ``PrefuseKTOTrainer`` then packs each
+    step's rows, and its KL rows, into packed rows (module docstring). Any ``KTOConfig`` works with the
+    trainer; this one only adds the field."""
+
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "PrefuseKTOTrainer: run the model bodies on packed rows, without padding"},
+    )
 
 
 class PrefuseKTOTrainer(KTOTrainer):
