@@ -91,6 +91,13 @@ class PackedLayout:
         out[self.index] = torch.where(inside, picked, ignore_index)
         return out.unsqueeze(0)
 
+    def packed_index(self, width: int) -> Tensor:
+        """``(rows, width)``: the packed position of the token at ``[row, p]`` of the per-row layout, 0 where the
+        row has no token ``p`` (the loss-fused path's map from per-row positions to packed hidden rows)."""
+        out = torch.zeros((self.rows, width), dtype=torch.long, device=self.index.device)
+        keep = self.position < width
+        return out.index_put((self.row[keep], self.position[keep]), self.index[keep])
+
     def token_rows(self, packed: Tensor, shift: bool, name: str = "log-probs") -> Tensor:
         """Per-token values ``(1, N)`` of the op (as ``targets`` aligns them) -> ``(rows, length - 1)`` with
         ``shift`` (``(rows, length)`` without), the layout ``linear_logprobs(..., shift=shift)`` gives padded

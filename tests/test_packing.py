@@ -158,9 +158,11 @@ def assert_packed_equals_padded(name: str, ref_form: str, seed: int, options: di
     assert g_h.abs().sum() > 0 and g_w.abs().sum() > 0  # the comparison is not between zeros
 
 
+@pytest.mark.parametrize("path", ["op", "fused"])
 @pytest.mark.parametrize("name", list(METHODS))
-def test_packed_loss_equals_padded(name):
-    assert_packed_equals_padded(name, "hidden", seed=list(METHODS).index(name))
+def test_packed_loss_equals_padded(name, path):
+    """Packed = padded on the op path and on the loss-fused path (which scores the packed row in place)."""
+    assert_packed_equals_padded(name, "hidden", seed=list(METHODS).index(name), options={"path": path})
 
 
 @pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.reference is not None])

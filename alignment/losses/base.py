@@ -15,7 +15,8 @@ lives in one place.
 Packed (padding-free) batches: every loss module also takes ``sequence_ids`` ``(1, N)`` with ``hidden``
 ``(1, N, D)`` and ``labels`` ``(1, N)`` (and ``kl_sequence_ids`` for KTO's / FactAlign's KL rows); see
 ``prefuse.alignment.packing``. A forward pre-hook lays them out per row without copying ``hidden``, so each
-loss computes exactly what it computes on the padded rows.
+loss computes exactly what it computes on the padded rows, on the op path and on the loss-fused path alike (both
+score the packed row in place).
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ class FusedLinearLoss(nn.Module):
         """Whether a call on these tensors takes the loss-fused path (``path``, in the current grad mode).
 
         Raises ``ValueError`` for ``path="fused"`` on a loss that does not support it."""
-        if self.path == "op" or not isinstance(hidden, Tensor):  # packed rows take the op path
+        if self.path == "op":
             return False
         reason = self.fused_unsupported()
         if reason is not None:
@@ -211,8 +212,9 @@ class FusedLinearLoss(nn.Module):
             return False
         if self.backend == "triton":
             return False
+        leaf = hidden.hidden if isinstance(hidden, PackedRows) else hidden
         return torch.is_grad_enabled() and any(
-            isinstance(t, Tensor) and t.requires_grad for t in (hidden, weight, bias)
+            isinstance(t, Tensor) and t.requires_grad for t in (leaf, weight, bias)
         )
 
     def _policy_logps(self, hidden, weight, targets, bias, shift) -> Tensor | None:

@@ -53,6 +53,10 @@ Falls back to the op path:
   reward before the loss is evaluated, so every pair's gradient depends on every other pair's log-probs (a
   batch statistic of the policy itself), which are not known until the last chunk.
 
+Packed rows (``PackedRows``: a ``(1, N, D)`` row seen per row) take the path as padded ones do: each per-row
+output position is scored from the packed token it stands for (``PackedLayout.packed_index``), and the gradient
+goes to the packed tensor (none to its padding tokens).
+
 KTO's ``z`` and FactAlign's ``z_fg`` are statistics of the policy too, but detached and computed from the KL
 rows (scored without grad before the policy), so they do not couple the policy's groups. FactAlign's sentences
 group the rows they span (``linked_row_groups``); pairs are grouped by ``pair_groups``.
@@ -64,6 +68,7 @@ from collections.abc import Callable
 
 import torch
 from prefuse.alignment.output import LossOutput
+from prefuse.alignment.packing import PackedRows
 from prefuse.kernels.linear_logprobs import chunked, torch_twin
 from prefuse.kernels.linear_logprobs.op import _resolve_backend
 from prefuse.kernels.linear_logprobs.validate import validate_arguments, validate_targets
@@ -245,7 +250,8 @@ def fused_policy_loss(
     shift=shift, ...)``, differentiable in ``hidden``, ``weight`` and ``bias`` through the loss-fused path.
 
     Args:
-        hidden: ``(rows, T, D)`` policy hidden states; ``weight`` ``(V, D)``, ``bias`` ``(V,)`` or None.
+        hidden: ``(rows, T, D)`` policy hidden states, or a packed row seen per row (``PackedRows``: the
+            gradient goes to its ``(1, N, D)`` tensor); ``weight`` ``(V, D)``, ``bias`` ``(V,)`` or None.
         targets: ``(rows, T)``; positions equal to ``ignore_index`` are not scored.
         loss: per-token log-probs ``(rows, L)`` (0.0 where not scored) -> ``LossOutput``; called once, on all
             of them (the op path's call: its value and metrics are returned).
@@ -264,12 +270,18 @@ def fused_policy_loss(
     """
     if backend == "triton":
         raise ValueError("backend='triton' has no loss-fused form: use 'auto', 'chunked' or 'torch'")
+    packed = isinstance(hidden, PackedRows)
+    leaf = hidden.hidden if packed else hidden  # the tensor the gradient goes to: (1, N, D) when packed
     try:
+        if packed:  # the op's checks on the packed row and the targets its layout gives each token
+            op_targets, op_shift = hidden.layout.targets(targets, shift, ignore_index), False
+        else:
+            op_targets, op_shift = targets, shift
         validate_arguments(
-            hidden, weight, targets, bias, ignore_index, shift, temperature, softcap, backend,
+            leaf, weight, op_targets, bias, ignore_index, op_shift, temperature, softcap, backend,
             logit_scale=logit_scale,
         )  # fmt: skip
-        backend = _resolve_backend(backend, hidden.device)
+        backend = _resolve_backend(backend, leaf.device)
         if hidden.dim() != 3:
             raise ValueError(f"hidden must have shape (rows, T, D), got {tuple(hidden.shape)}")
         scored_targets = (targets[:, 1:] if shift else targets).long()
@@ -279,19 +291,20 @@ def fused_policy_loss(
         raise ValueError(f"{names}: {err}") from err
     rows, steps = targets.shape
     length = scored_targets.shape[1]
-    device = hidden.device
-    source = (
-        torch.arange(rows, device=device)[:, None] * steps + torch.arange(length, device=device)
-    ).reshape(-1)
-    needs = tuple(
-        torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)
-    )
+    device = leaf.device
+    if packed:  # output position [r, p] is scored from the packed token at row r, position p
+        source = hidden.layout.packed_index(steps)[:, :length].reshape(-1)
+    else:
+        source = (
+            torch.arange(rows, device=device)[:, None] * steps + torch.arange(length, device=device)
+        ).reshape(-1)
+    needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (leaf, weight, bias))
     if chunk_loss is None:
 
         def chunk_loss(tok: Tensor) -> Tensor:
             return loss(tok).loss
 
-    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    hidden2d = leaf.reshape(-1, leaf.shape[-1])
     with torch.no_grad():
         tok, (grad_h, grad_w, grad_b) = _fused_pass(
             hidden2d if hidden2d.stride(-1) == 1 else hidden2d.contiguous(),
@@ -310,6 +323,6 @@ def fused_policy_loss(
         )
         out = loss(tok)
     if grad_h is not None:
-        grad_h = grad_h.view(hidden.shape)
-    value = _StoredGradients.apply(out.loss.detach(), hidden, weight, bias, grad_h, grad_w, grad_b)
+        grad_h = grad_h.view(leaf.shape)
+    value = _StoredGradients.apply(out.loss.detach(), leaf, weight, bias, grad_h, grad_w, grad_b)
     return LossOutput(value, out.metrics)
