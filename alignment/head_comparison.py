@@ -45,27 +45,24 @@ def naive_head(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
     return naive_linear_logprobs(hidden, weight, labels, shift=True)
 
 
-def trl_head(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+def trl_head(hidden: Tensor, weight: Tensor, labels: Tensor, softcap: float | None = None) -> Tensor:
+    """TRL 1.16's fused head (``trl.kernels.chunked_logprob.ChunkedLogProbFunction``) as its ``add_fused_lm_head``
+    calls it on that device: the positions before the last predict ``labels[:, 1:]`` in tiles of TRL's vocabulary
+    chunk; on a Triton device only the scored positions are projected (``hidden[mask]``), elsewhere every position
+    with its label clamped to 0, masked to 0 afterwards. Log-probs ``(rows, T-1)``, 0.0 where not scored."""
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction, _use_triton
-    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
 
     states, targets = hidden[:, :-1], labels[:, 1:]
     mask = targets != IGNORE_INDEX
     if _use_triton(hidden.device):
         logp = ChunkedLogProbFunction.apply(
-            states[mask], weight, None, targets[mask], 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ()
+            states[mask], weight, None, targets[mask], 1.0, chunk, softcap, 1.0, ()
         )[0]
         return logp.new_zeros(mask.shape).masked_scatter(mask, logp)
+    flat_states, flat_targets = states.reshape(-1, states.shape[-1]), targets.clamp(min=0).reshape(-1)
     logp = ChunkedLogProbFunction.apply(
-        states.reshape(-1, states.shape[-1]),
-        weight,
-        None,
-        targets.clamp(min=0).reshape(-1),
-        1.0,
-        _CHUNKED_LOGPROB_CHUNK_SIZE,
-        None,
-        1.0,
-        (),
+        flat_states, weight, None, flat_targets, 1.0, chunk, softcap, 1.0, ()
     )[0]
     return logp.view(mask.shape).masked_fill(~mask, 0.0)
 

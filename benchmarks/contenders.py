@@ -122,7 +122,8 @@ def _cce(batch: Batch) -> Forward:
 
 
 def _trl(batch: Batch) -> Forward:
-    providers.import_trl_utils()  # imported here, not in the first (memory-measured) step
+    import trl.trainer.utils  # noqa: F401  -- imported here, not in the first (memory-measured) step
+
     return partial(formulas.FORMULAS[batch.case.workload], batch, providers.trl_logps)
 
 

@@ -18,12 +18,7 @@ Face models build them) on the unshifted hidden states, so no copy of ``hidden``
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 from collections.abc import Callable
-from pathlib import Path
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -67,48 +62,12 @@ def liger_flce_logps(hidden: Tensor, weight: Tensor, labels: Tensor, softcap: fl
     return -ce.view(rows, steps)[:, :-1]
 
 
-def import_trl_utils() -> ModuleType:
-    """``trl.trainer.utils`` (TRL's fused head and its backward's helpers), imported with the repository root off
-    ``sys.path``: it imports ``transformers.modeling_utils``, whose probe for PyPI's ``kernels`` would otherwise find
-    the repository's ``kernels/`` folder, which refuses that name."""
-    name = "trl.trainer.utils"
-    if name not in sys.modules:
-        root = Path(__file__).resolve().parents[1]
-        saved = sys.path[:]
-        sys.path[:] = [p for p in saved if Path(p or os.curdir).resolve() != root]
-        try:
-            importlib.import_module(name)
-        finally:
-            sys.path[:] = saved
-    return sys.modules[name]
-
-
 def trl_logps(hidden: Tensor, weight: Tensor, labels: Tensor, softcap: float | None = None) -> Tensor:
-    """TRL's head as its fused forward runs it: the positions before the last predict ``labels[:, 1:]``, tiles of
-    TRL's vocabulary chunk; on a Triton device only the scored positions are projected (``hidden[mask]``), elsewhere
-    every position with its label clamped to 0, masked to 0 afterwards."""
-    chunk = import_trl_utils()._CHUNKED_LOGPROB_CHUNK_SIZE
-    from trl.kernels.chunked_logprob import ChunkedLogProbFunction, _use_triton
+    """TRL 1.16's fused head as TRL calls it on that device (``prefuse.alignment.head_comparison.trl_head``, the
+    main job's TRL contender)."""
+    from prefuse.alignment.head_comparison import trl_head
 
-    states, targets = hidden[:, :-1], labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    if _use_triton(hidden.device):
-        logps = ChunkedLogProbFunction.apply(
-            states[mask], weight, None, targets[mask], 1.0, chunk, softcap, 1.0, ()
-        )[0]
-        return logps.new_zeros(mask.shape).masked_scatter(mask, logps)
-    logps = ChunkedLogProbFunction.apply(
-        states.reshape(-1, states.shape[-1]),
-        weight,
-        None,
-        targets.clamp(min=0).reshape(-1),
-        1.0,
-        chunk,
-        softcap,
-        1.0,
-        (),
-    )[0]
-    return logps.view(mask.shape).masked_fill(~mask, 0.0)
+    return trl_head(hidden, weight, labels, softcap)
 
 
 def reference_logps(hidden: Tensor, weight: Tensor, labels: Tensor, softcap: float | None = None) -> Tensor:
