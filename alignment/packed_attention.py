@@ -28,10 +28,6 @@ BASES = ("sdpa", "eager")
 """The implementations ``use_varlen_attention`` wraps; flash and flex attention handle packed rows themselves."""
 
 
-def varlen_name(base: str) -> str:
-    return f"prefuse_varlen_{base}"
-
-
 def sequence_bounds(position_ids: Tensor | None, length: int) -> list[tuple[int, int]]:
     """``[(start, end), ...]`` of the sequences of one packed row: a sequence starts at index 0 and wherever
     ``position_ids[0]`` is 0. Without ``position_ids`` the row is one sequence.
@@ -41,13 +37,7 @@ def sequence_bounds(position_ids: Tensor | None, length: int) -> list[tuple[int,
     layers, and a recomputation under gradient checkpointing, reuse them."""
     if position_ids is None:
         return [(0, length)]
-    key = (
-        position_ids.data_ptr(),
-        position_ids._version,
-        tuple(position_ids.shape),
-        position_ids.device,
-        length,
-    )
+    key = (position_ids._version, length)
     if _last_bounds.get("key") == key and _last_bounds["tensor"]() is position_ids:
         return _last_bounds["bounds"]
     starts = (position_ids[0] == 0).nonzero().flatten().tolist()
@@ -58,8 +48,8 @@ def sequence_bounds(position_ids: Tensor | None, length: int) -> list[tuple[int,
 
 
 _last_bounds: dict = {}
-"""``sequence_bounds``' last answer: its ``position_ids`` (a weak reference, with pointer, version, shape and
-device: a tensor changed in place or freed is not taken for the same one) and the bounds."""
+"""``sequence_bounds``' last answer: its ``position_ids`` (a weak reference: a freed tensor is not taken for a new
+one), their version counter (a tensor changed in place is read again), the row length and the bounds."""
 
 
 def _base_attention(module, base: str) -> Callable:
@@ -145,7 +135,7 @@ def use_varlen_attention(model) -> str:
     base = model.config._attn_implementation
     if base not in BASES:
         return base
-    name = varlen_name(base)
+    name = f"prefuse_varlen_{base}"
     AttentionInterface.register(name, _varlen_attention(base))
     AttentionMaskInterface.register(name, _varlen_mask(base))
     model.set_attn_implementation(name)

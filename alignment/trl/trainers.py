@@ -66,7 +66,7 @@ from prefuse.alignment.model_head import (
     unwrap_causal_lm,
 )
 from prefuse.alignment.packed_attention import use_varlen_attention
-from prefuse.alignment.packing import PackedLayout, packed_targets
+from prefuse.alignment.packing import PackedLayout
 from prefuse.kernels import linear_logprobs
 
 __all__ = ["TESTED_TRL_VERSION", "PrefuseDPOTrainer", "PrefuseKTOConfig", "PrefuseKTOTrainer"]
@@ -204,9 +204,9 @@ def _packed_token_outputs(trainer, model, labels, model_kwargs, stats):
     options = {k: v for k, v in model_kwargs.items() if k not in rows}  # e.g. output_router_logits
     packed = pack_batch({**rows, "labels": labels})
     head = forward_hidden(model, packed["input_ids"], None, position_ids=packed["position_ids"], **options)
-    targets = packed_targets(packed["labels"], packed["sequence_ids"])
+    layout = PackedLayout(packed["sequence_ids"])  # once: the targets and the outputs' way back share it
+    targets = layout.targets(layout.to_rows(packed["labels"], -100, "labels"), True, -100)  # packed_targets
     out = head.apply(linear_logprobs, targets, shift=False, outputs=stats, **trainer.prefuse_options)
-    layout = PackedLayout(packed["sequence_ids"])
     n_rows, width = labels.shape[0], labels.shape[1] - 1
 
     def padded(values, name):  # (rows, length - 1) -> (R, T-1): T can exceed the longest row + 1
